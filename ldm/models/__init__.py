@@ -1,0 +1,1 @@
+"""The models of Stable Diffusion v1: UNet, KL autoencoder, CLIP text encoder, latent diffusion wrapper."""

@@ -1,0 +1,141 @@
+"""The latent diffusion wrapper: UNet + autoencoder + text conditioner + the noise schedule.
+
+Corresponds to the original `ldm.models.diffusion.ddpm.LatentDiffusion`, inference half only.
+Submodules sit under the checkpoint names `model.diffusion_model`, `first_stage_model` and
+`cond_stage_model`; the schedule buffers keep the original names (`betas`, `alphas_cumprod`...).
+"""
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# The derived schedule buffers of the original, in its registration order.
+SCHEDULE_BUFFERS = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
+
+# LatentDiffusion/DDPM parameters that only matter for training or logging; accepted and ignored.
+TRAINING_ONLY_PARAMS = (
+    "base_learning_rate", "monitor", "num_timesteps_cond", "log_every_t", "first_stage_key", "cond_stage_key",
+    "cond_stage_trainable", "use_ema", "scheduler_config", "loss_type", "ckpt_path", "ignore_keys",
+    "load_only_unet", "use_positional_encodings", "learn_logvar", "logvar_init", "original_elbo_weight",
+    "l_simple_weight", "make_it_fit", "reset_ema", "reset_num_ema_updates", "ucg_training", "use_fp16",
+    "cond_stage_forward", "concat_mode", "image_size", "clip_denoised", "v_posterior", "given_betas",
+    "cosine_s", "conditioning_key_drop", "scale_by_std", "load_ema", "unet_trainable", "embedding_reg_weight",
+)
+
+
+def scaled_linear_schedule(linear_start, linear_end, timesteps):
+    """The original's "linear" schedule: linear in sqrt(beta). Returns float64 numpy betas."""
+    return np.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=np.float64) ** 2
+
+
+def schedule_buffers(betas):
+    """All derived schedule quantities (float64 numpy), as the original's register_schedule."""
+    alphas = 1.0 - betas
+    ac = np.cumprod(alphas)
+    ac_prev = np.append(1.0, ac[:-1])
+    post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+    return {
+        "betas": betas,
+        "alphas_cumprod": ac,
+        "alphas_cumprod_prev": ac_prev,
+        "sqrt_alphas_cumprod": np.sqrt(ac),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - ac),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1),
+        "posterior_variance": post_var,
+        "posterior_log_variance_clipped": np.log(np.maximum(post_var, 1e-20)),
+        "posterior_mean_coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
+        "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
+    }
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as `diffusion_model` (checkpoint keys `model.diffusion_model.*`)."""
+
+    def __init__(self, diffusion_model):
+        super().__init__()
+        self.diffusion_model = diffusion_model
+
+    def forward(self, x, t, context):
+        return self.diffusion_model(x, t, context)
+
+
+class LatentDiffusion(nn.Module):
+    """eps-prediction latent diffusion with cross-attention text conditioning (SD v1)."""
+
+    def __init__(self, unet_config, first_stage_config, cond_stage_config, linear_start=0.00085, linear_end=0.012,
+                 timesteps=1000, beta_schedule="linear", parameterization="eps", channels=4,
+                 conditioning_key="crossattn", scale_factor=1.0, **training_only):
+        super().__init__()
+        from ..config import instantiate  # the config module knows which class each target names
+
+        unknown = sorted(set(training_only) - set(TRAINING_ONLY_PARAMS))
+        if unknown:
+            raise ValueError(f"LatentDiffusion: unknown parameter(s): {', '.join(unknown)}")
+        if beta_schedule != "linear":
+            raise ValueError(f"LatentDiffusion: beta_schedule {beta_schedule!r} is not supported (SD v1 uses 'linear')")
+        if parameterization != "eps":
+            raise ValueError(
+                f"LatentDiffusion: parameterization {parameterization!r} is not supported: this tool runs SD v1 "
+                "(eps-prediction) models; 'v' means an SD 2.x config"
+            )
+        if conditioning_key != "crossattn":
+            raise ValueError(f"LatentDiffusion: conditioning_key {conditioning_key!r} is not supported (SD v1 uses 'crossattn')")
+
+        self.model = DiffusionWrapper(instantiate(unet_config))
+        self.first_stage_model = instantiate(first_stage_config)
+        self.cond_stage_model = instantiate(cond_stage_config)
+        self.channels = channels
+        self.scale_factor = float(scale_factor)
+        self.linear_start, self.linear_end, self.num_timesteps = linear_start, linear_end, int(timesteps)
+        self.reset_schedule()
+
+    def reset_schedule(self, device=None):
+        """(Re)compute the schedule buffers from the config, in float32 like the original."""
+        betas = scaled_linear_schedule(self.linear_start, self.linear_end, self.num_timesteps)
+        for name, value in schedule_buffers(betas).items():
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32, device=device))
+
+    @property
+    def device(self):
+        return self.betas.device
+
+    @property
+    def dtype(self):
+        return next(self.model.parameters()).dtype
+
+    def apply_model(self, x_noisy, t, cond):
+        """Noise prediction eps(x_t, t, text context)."""
+        return self.model(x_noisy, t, cond)
+
+    def get_learned_conditioning(self, prompts):
+        return self.cond_stage_model(prompts)
+
+    def encode_first_stage(self, x):
+        """Images in [-1, 1] -> the posterior distribution over (unscaled) latents."""
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, posterior, generator=None):
+        return self.scale_factor * posterior.sample(generator)
+
+    def decode_first_stage(self, z):
+        """Scaled latents -> images in about [-1, 1]."""
+        return self.first_stage_model.decode(z / self.scale_factor)

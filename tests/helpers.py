@@ -1,0 +1,81 @@
+"""Shared test helpers: tiny configs of the real classes, random weights, comparisons."""
+
+import copy
+import math
+
+import torch
+from safetensors.torch import save_file
+
+V1_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
+
+TINY = {
+    "model": {
+        "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+        "params": {
+            "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000, "channels": 4,
+            "conditioning_key": "crossattn", "scale_factor": 0.18215, "monitor": "val/loss", "use_ema": False,
+            "unet_config": {
+                "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+                "params": {
+                    "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+                    "attention_resolutions": [4, 2, 1], "num_res_blocks": 2, "channel_mult": [1, 2, 2, 2],
+                    "num_heads": 2, "use_spatial_transformer": True, "transformer_depth": 1,
+                    "context_dim": 64, "use_checkpoint": True, "legacy": False,
+                },
+            },
+            "first_stage_config": {
+                "target": "ldm.models.autoencoder.AutoencoderKL",
+                "params": {
+                    "embed_dim": 4, "monitor": "val/rec_loss",
+                    "ddconfig": {
+                        "double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3,
+                        "ch": 32, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [],
+                        "dropout": 0.0,
+                    },
+                    "lossconfig": {"target": "torch.nn.Identity"},
+                },
+            },
+            "cond_stage_config": {
+                "target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+                "params": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                           "intermediate_size": 128},
+            },
+        },
+    }
+}
+
+
+def tiny_config():
+    return copy.deepcopy(TINY)
+
+
+@torch.no_grad()
+def randomize_(module, seed=0):
+    """Give every parameter random values of a sane scale (not the default init, which
+    zero-initialises output layers and so hides mistakes)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if p.ndim >= 2:
+            fan_in = math.prod(p.shape[1:])
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+        elif name.endswith("weight"):  # norm scales
+            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def rel_err(a, b):
+    """max |a - b| / max |b|"""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def save_checkpoint(model, path):
+    """Save a model's state dict in the original layout (.safetensors or .ckpt)."""
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if str(path).endswith(".safetensors"):
+        save_file(sd, str(path))
+    else:
+        torch.save({"state_dict": sd}, str(path))
+    return path
