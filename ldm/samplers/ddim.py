@@ -1,0 +1,75 @@
+"""DDIM and PLMS over the original's DDIM timestep selection (variance-preserving latents, start noise scale 1).
+
+Both step from the selected time t_i to the previous selected one t_{i-1}; the last step lands on
+alphas_cumprod[0] (not on a_0 = 1), as the original's ddim_alphas_prev and diffusers' set_alpha_to_one=False.
+"""
+
+import math
+
+import torch
+
+from . import schedule
+from .common import randn_like, time_tensor
+
+
+def _ddim_coefficients(alphas_cumprod, steps: int, eta: float):
+    """Per step, from the noisiest: (t, a_t, a_prev, sigma_t) as python floats (DDIM, Song et al. 2021, eq. 16)."""
+    ac = schedule.as_float64(alphas_cumprod)
+    ts = schedule.ddim_timesteps(steps, len(ac)).flip(0)  # descending
+    a = ac[ts]
+    a_prev = torch.cat([ac[ts[1:]], ac[:1]])
+    sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+    return list(zip(ts.tolist(), a.tolist(), a_prev.tolist(), sigma.tolist()))
+
+
+def _ddim_step(x, eps, a_t, a_prev, sigma_t, noise=None):
+    """One DDIM update x_t -> x_{t_prev}; returns (x_prev, pred_x0) (Song et al. 2021, eq. 12)."""
+    pred_x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+    x_prev = math.sqrt(a_prev) * pred_x0 + math.sqrt(max(1 - a_prev - sigma_t**2, 0.0)) * eps
+    if noise is not None:
+        x_prev = x_prev + sigma_t * noise
+    return x_prev, pred_x0
+
+
+def sample_ddim(eps_fn, x_T, alphas_cumprod, steps, *, generator=None, callback=None, eta=None):
+    """DDIM, deterministic at eta=0, ancestral-like noise for eta>0 (Song et al. 2021, arXiv:2010.02502)."""
+    eta = 0.0 if eta is None else float(eta)
+    x = x_T
+    for i, (t, a_t, a_prev, sigma_t) in enumerate(_ddim_coefficients(alphas_cumprod, steps, eta)):
+        eps = eps_fn(x, time_tensor(t, x))
+        noise = randn_like(x, generator) if eta > 0 else None
+        x, pred_x0 = _ddim_step(x, eps, a_t, a_prev, sigma_t, noise)
+        if callback is not None:
+            callback(i, x, pred_x0)
+    return x
+
+
+def sample_plms(eps_fn, x_T, alphas_cumprod, steps, *, generator=None, callback=None, eta=None):
+    """Pseudo linear multistep as the CompVis PLMSSampler (PNDM, Liu et al. 2022, arXiv:2202.09778, eq. 12).
+
+    The first step warms up with a pseudo improved Euler step: a DDIM step with eps(x, t), a second
+    evaluation at the next timestep from that result, then the real step with the average of the two.
+    Later steps combine the current eps with up to three stored ones (Adams-Bashforth, orders 2 to 4).
+    """
+    if eta:
+        raise ValueError("PLMS is deterministic: eta must be 0")
+    coeffs = _ddim_coefficients(alphas_cumprod, steps, 0.0)
+    x = x_T
+    old_eps = []  # model outputs eps(x_t, t) of the previous steps, oldest first
+    for i, (t, a_t, a_prev, _) in enumerate(coeffs):
+        eps = eps_fn(x, time_tensor(t, x))
+        if len(old_eps) == 0:
+            t_next = coeffs[min(i + 1, len(coeffs) - 1)][0]  # the original's t_next: itself at the last step
+            x_next, _ = _ddim_step(x, eps, a_t, a_prev, 0.0)
+            eps_prime = (eps + eps_fn(x_next, time_tensor(t_next, x))) / 2
+        elif len(old_eps) == 1:
+            eps_prime = (3 * eps - old_eps[-1]) / 2
+        elif len(old_eps) == 2:
+            eps_prime = (23 * eps - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+        else:
+            eps_prime = (55 * eps - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+        x, pred_x0 = _ddim_step(x, eps_prime, a_t, a_prev, 0.0)
+        old_eps = (old_eps + [eps])[-3:]
+        if callback is not None:
+            callback(i, x, pred_x0)
+    return x

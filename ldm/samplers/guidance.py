@@ -1,0 +1,24 @@
+"""Classifier-free guidance as a wrapper turning eps_model(x, t, cond) into the samplers' eps_fn(x, t)."""
+
+import torch
+
+
+def cfg_denoiser(eps_model, cond: torch.Tensor, uncond: torch.Tensor | None = None, scale: float = 1.0):
+    """Classifier-free guidance, eps_u + scale * (eps_c - eps_u), in one batched pass (Ho & Salimans 2022, arXiv:2207.12598).
+
+    `uncond` is the embedding of the empty prompt, or of a negative prompt; a batch of 1 is repeated to
+    match `cond`. At scale 1 the unconditional branch is skipped: one pass of batch B per evaluation.
+    """
+    if scale == 1.0:
+        return lambda x, t: eps_model(x, t, cond)
+    if uncond is None:
+        raise ValueError(f"guidance scale {scale} needs an unconditional embedding")
+    if uncond.shape[0] == 1 and cond.shape[0] > 1:
+        uncond = uncond.expand(cond.shape[0], *uncond.shape[1:])
+    context = torch.cat([uncond, cond])  # (2B, L, D): unconditional half first
+
+    def eps_fn(x, t):
+        eps_u, eps_c = eps_model(torch.cat([x, x]), torch.cat([t, t]), context).chunk(2)
+        return eps_u + scale * (eps_c - eps_u)
+
+    return eps_fn

@@ -1,0 +1,226 @@
+"""Trajectory parity of our samplers with diffusers' schedulers: same model, start noise, conditioning, guidance.
+
+Every test runs over the eps models of EPS_MODELS (`eps_model(x, t, cond) -> eps`, float64); to add a model
+(the reduced UNet), add a factory there. A float32 network can be wrapped as
+`lambda x, t, c: net(x.float(), t.float(), c.float()).double()`.
+"""
+
+import math
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+)
+from torch import nn
+
+from ldm.samplers import sample, schedule
+from ldm.samplers.guidance import cfg_denoiser
+
+TOL = 1e-4  # max abs difference / max abs value of the final latents
+SV1 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+ORIGINAL = dict(SV1, steps_offset=1, set_alpha_to_one=False)  # the original's DDIM/PLMS schedule
+
+
+def analytic_eps_model():
+    """Exact eps prediction for Gaussian data x_0 ~ N(mu(cond), 0.25), plus a small time-dependent nonlinearity."""
+    ac = schedule.make_alphas_cumprod()
+
+    def eps_model(x, t, cond):
+        a = schedule.interp(t.double().cpu(), torch.arange(1000.0, dtype=torch.float64), ac)
+        a = a.to(x)[:, None, None, None]
+        mu = cond.mean(dim=(1, 2))[:, None, None, None].to(x)
+        eps = (1 - a).sqrt() * (x - a.sqrt() * mu) / (0.25 * a + 1 - a)
+        return eps + 0.05 * torch.tanh(x * torch.cos(t.to(x)[:, None, None, None] / 150))
+
+    return eps_model
+
+
+class TinyEpsNet(nn.Module):
+    """A small random convolutional eps network with a sinusoidal time embedding and pooled conditioning."""
+
+    def __init__(self, channels=4, hidden=16, context_dim=8, time_dim=32, seed=0):
+        super().__init__()
+        self.time_dim = time_dim
+        self.conv_in = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.time_proj = nn.Linear(time_dim, hidden)
+        self.context_proj = nn.Linear(context_dim, hidden)
+        self.conv_mid = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.conv_out = nn.Conv2d(hidden, channels, 3, padding=1)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+
+    def forward(self, x, t, cond):
+        half = self.time_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=x.dtype) / half)
+        angles = t.to(x.dtype)[:, None] * freqs[None]  # (B, half)
+        emb = torch.cat([angles.cos(), angles.sin()], dim=1)  # (B, time_dim)
+        h = self.conv_in(x) + self.time_proj(emb)[:, :, None, None] + self.context_proj(cond.mean(1))[:, :, None, None]
+        h = self.conv_mid(nn.functional.silu(h))
+        return self.conv_out(nn.functional.silu(h))
+
+
+def tiny_net_eps_model():
+    return TinyEpsNet().double().eval().requires_grad_(False)
+
+
+EPS_MODELS = {"analytic": analytic_eps_model, "tiny_net": tiny_net_eps_model}
+
+
+@pytest.fixture(scope="module", params=sorted(EPS_MODELS))
+def eps_model(request):
+    return EPS_MODELS[request.param]()
+
+
+@pytest.fixture(scope="module")
+def problem(eps_model):
+    """Guided denoiser (scale 7.5, a 'negative prompt' uncond) and standard normal start noise, batch 2, float64."""
+    g = torch.Generator().manual_seed(1234)
+    x_T = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    cond = torch.randn(2, 3, 8, generator=g, dtype=torch.float64)
+    uncond = torch.randn(1, 3, 8, generator=g, dtype=torch.float64)
+    return cfg_denoiser(eps_model, cond, uncond, 7.5), x_T
+
+
+def relative_error(ours, theirs):
+    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
+
+
+def run_diffusers(scheduler, eps_fn, x, model_times=None, generator=None, **step_kwargs):
+    """The diffusers sampling loop; `x` is the scaled start latent, `model_times` overrides the model's t."""
+    times = scheduler.timesteps if model_times is None else model_times
+    for t, model_t in zip(scheduler.timesteps, times):
+        t_in = torch.full((x.shape[0],), float(model_t), dtype=x.dtype)
+        eps = eps_fn(scheduler.scale_model_input(x, t), t_in)
+        if generator is not None:
+            step_kwargs["generator"] = generator
+        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+    return x
+
+
+def check(ours, theirs):
+    assert ours.dtype == theirs.dtype and torch.isfinite(ours).all()
+    err = relative_error(ours, theirs)
+    assert err < TOL, err
+
+
+@pytest.mark.parametrize("steps", [7, 10, 20])
+def test_ddim_matches_diffusers(problem, steps):
+    eps_fn, x_T = problem
+    scheduler = DDIMScheduler(**ORIGINAL, clip_sample=False, timestep_spacing="leading")
+    scheduler.set_timesteps(steps)
+    assert scheduler.timesteps.flip(0).tolist() == schedule.ddim_timesteps(steps).tolist()
+    theirs = run_diffusers(scheduler, eps_fn, x_T, eta=0.0)
+    check(sample("ddim", eps_fn, x_T, scheduler.alphas_cumprod, steps), theirs)
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+def test_ddim_eta_matches_diffusers_with_same_generator(problem, steps):
+    eps_fn, x_T = problem
+    eps_fn32 = lambda x, t: eps_fn(x.double(), t.double()).float()  # noqa: E731
+    scheduler = DDIMScheduler(**ORIGINAL, clip_sample=False, timestep_spacing="leading")
+    scheduler.set_timesteps(steps)
+    theirs = run_diffusers(scheduler, eps_fn32, x_T.float(), eta=0.7, generator=torch.Generator().manual_seed(5))
+    ours = sample("ddim", eps_fn32, x_T.float(), scheduler.alphas_cumprod, steps,
+                  generator=torch.Generator().manual_seed(5), eta=0.7)
+    check(ours, theirs)
+
+
+@pytest.mark.parametrize("steps", [2, 3, 7, 10, 20])
+def test_plms_matches_diffusers_pndm(problem, steps):
+    eps_fn, x_T = problem
+    scheduler = PNDMScheduler(**ORIGINAL, skip_prk_steps=True)
+    scheduler.set_timesteps(steps)
+    theirs = run_diffusers(scheduler, eps_fn, x_T)
+    check(sample("plms", eps_fn, x_T, scheduler.alphas_cumprod, steps), theirs)
+
+
+@pytest.mark.parametrize("steps", [9, 27])  # 999 / steps integral: the original's uniform times are integers
+def test_dpm_solver_matches_diffusers(problem, steps):
+    eps_fn, x_T = problem
+    # The original stops at t = 0 (sigma_min), and lowers the order of the last step only below 15 steps.
+    scheduler = DPMSolverMultistepScheduler(**SV1, algorithm_type="dpmsolver++", solver_order=2,
+                                            timestep_spacing="linspace", final_sigmas_type="sigma_min",
+                                            lower_order_final=True)
+    scheduler.set_timesteps(steps)
+    theirs = run_diffusers(scheduler, eps_fn, x_T)
+    check(sample("dpm_solver", eps_fn, x_T, scheduler.alphas_cumprod, steps), theirs)
+
+
+K_SCHEDULERS = {"lms": LMSDiscreteScheduler, "euler": EulerDiscreteScheduler, "heun": HeunDiscreteScheduler}
+
+
+@pytest.mark.parametrize("karras", [False, True], ids=["linspace", "karras"])
+@pytest.mark.parametrize("name", sorted(K_SCHEDULERS))
+@pytest.mark.parametrize("steps", [10, 20])
+def test_k_samplers_match_diffusers(problem, name, karras, steps):
+    eps_fn, x_T = problem
+    scheduler = K_SCHEDULERS[name](**SV1, timestep_spacing="linspace", use_karras_sigmas=karras)
+    scheduler.set_timesteps(steps)
+    theirs = run_diffusers(scheduler, eps_fn, x_T * scheduler.init_noise_sigma)
+    ours = sample(name + "_karras" * karras, eps_fn, x_T, scheduler.alphas_cumprod, steps)
+    check(ours, theirs)
+
+
+def test_lms_linspace_timesteps_match_diffusers():
+    scheduler = LMSDiscreteScheduler(**SV1, timestep_spacing="linspace")
+    scheduler.set_timesteps(20)
+    train_sigmas = schedule.sigmas_from_alphas_cumprod(scheduler.alphas_cumprod)
+    sigmas = schedule.linspace_sigmas(train_sigmas, 20)
+    torch.testing.assert_close(sigmas.float(), scheduler.sigmas, rtol=1e-6, atol=0)
+    t = schedule.sigma_to_t(sigmas[:-1], train_sigmas, space="linear")
+    torch.testing.assert_close(t.float(), scheduler.timesteps, rtol=0, atol=1e-4)
+    assert [round(v, 4) for v in t[:3].tolist()] == [999.0, 946.4211, 893.8421]
+    assert [round(v, 4) for v in t[-2:].tolist()] == [52.5789, 0.0]
+
+
+@pytest.mark.parametrize("karras", [False, True], ids=["linspace", "karras"])
+def test_dpmpp_2m_matches_diffusers(problem, karras):
+    eps_fn, x_T = problem
+    steps = 10
+    scheduler = DPMSolverMultistepScheduler(**SV1, algorithm_type="dpmsolver++", solver_order=2,
+                                            final_sigmas_type="zero", lower_order_final=True,
+                                            use_karras_sigmas=karras)
+    if karras:
+        scheduler.set_timesteps(steps)
+        # diffusers rounds these model times to integers; k-diffusion (and we) keep t(sigma) exact,
+        # as diffusers' Euler does for the same Karras noise levels.
+        euler = EulerDiscreteScheduler(**SV1, timestep_spacing="linspace", use_karras_sigmas=True)
+        euler.set_timesteps(steps)
+        assert torch.equal(euler.sigmas, scheduler.sigmas)
+        model_times = euler.timesteps
+    else:
+        # The k-diffusion linspace levels at t = 999, 888, ..., 111, 0, then sigma 0.
+        scheduler.set_timesteps(timesteps=list(range(999, -1, -111)))
+        model_times = None
+    # Same start latent: k-diffusion's x_T * sigma_max, in the variance-preserving scale diffusers uses here.
+    sigma_max = scheduler.sigmas[0].item()
+    x_start = x_T * (sigma_max / math.sqrt(sigma_max**2 + 1))
+    theirs = run_diffusers(scheduler, eps_fn, x_start, model_times=model_times)
+    check(sample("dpmpp_2m" + "_karras" * karras, eps_fn, x_T, scheduler.alphas_cumprod, steps), theirs)
+
+
+@pytest.mark.parametrize("karras", [False, True], ids=["linspace", "karras"])
+@pytest.mark.parametrize("steps", [10, 20])
+def test_euler_ancestral_matches_diffusers_with_same_generator(problem, karras, steps):
+    eps_fn, x_T = problem
+    eps_fn32 = lambda x, t: eps_fn(x.double(), t.double()).float()  # noqa: E731
+    scheduler = EulerAncestralDiscreteScheduler(**SV1, timestep_spacing="linspace")
+    scheduler.set_timesteps(steps)
+    if karras:  # diffusers' ancestral scheduler has no Karras option: give it the Euler scheduler's levels
+        euler = EulerDiscreteScheduler(**SV1, timestep_spacing="linspace", use_karras_sigmas=True)
+        euler.set_timesteps(steps)
+        scheduler.sigmas, scheduler.timesteps = euler.sigmas, euler.timesteps
+    x_start = x_T.float() * scheduler.init_noise_sigma
+    theirs = run_diffusers(scheduler, eps_fn32, x_start, generator=torch.Generator().manual_seed(7))
+    ours = sample("euler_a" + "_karras" * karras, eps_fn32, x_T.float(), scheduler.alphas_cumprod, steps,
+                  generator=torch.Generator().manual_seed(7))
+    check(ours, theirs)
