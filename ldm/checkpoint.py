@@ -83,7 +83,10 @@ def _read_pickle(path):
             "never code. Convert it to .safetensors from a trusted environment if you trust its source."
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    except Exception as e:  # the unpickler fails on damaged or foreign bytes in many ways (IndexError, KeyError...)
+        raise CheckpointError(f"cannot read checkpoint {path}: damaged, or not a PyTorch checkpoint "
+                              f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
 
 
 _ST_DTYPES = {
