@@ -311,6 +311,8 @@ def _run(args, given) -> int:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.n_rows < 0:
         raise ValueError(f"--n_rows must not be negative, got {args.n_rows}")
+    if not args.no_watermark and not args.watermark:
+        raise ValueError("--watermark needs a text; --no_watermark writes images without one")
 
     if args.from_file:
         prompts, negatives = read_prompt_file(args.from_file, negative)
@@ -318,11 +320,6 @@ def _run(args, given) -> int:
     else:
         batches = pipeline.prompt_batches(args.prompt, negative, args.n_samples, repeat=True)
     plan = pipeline.plan_work(batches, args.n_iter, args.seed, args.fixed_code)
-
-    outdir = Path(args.outdir)
-    sample_dir, inter_dir = outdir / "samples", outdir / "intermediates"
-    check_outdir(outdir, [outdir] + ([sample_dir] if not args.skip_save else [])
-                 + ([inter_dir] if args.save_intermediates else []))
 
     config, ckpt = pipeline.repo_path(args.config), pipeline.repo_path(args.ckpt)
     if args.demo and not ckpt.is_file():
@@ -334,6 +331,11 @@ def _run(args, given) -> int:
         from .checkpoint import CheckpointError
 
         raise CheckpointError(pipeline.missing_checkpoint_message(ckpt))
+
+    outdir = Path(args.outdir)
+    sample_dir, inter_dir = outdir / "samples", outdir / "intermediates"
+    check_outdir(outdir, [outdir] + ([sample_dir] if not args.skip_save else [])
+                 + ([inter_dir] if args.save_intermediates else []))
 
     # --- the safety checker first: a missing one fails fast, before the model loads
     device = pipeline.pick_device(args.device)

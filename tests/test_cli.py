@@ -378,6 +378,29 @@ def test_ctrl_c_keeps_saved_images_and_writes_the_grid(tiny, tmp_path, monkeypat
     assert "interrupted: 2 image(s) saved" in err and "grid-0000.png" in err
 
 
+def test_sigint_from_the_terminal(tiny, tmp_path):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *base_args(tiny, tmp_path, "--n_samples", 1, "--n_iter", 200,
+                                                                         steps=2)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    first = tmp_path / "samples" / "00001.png"
+    deadline = time.monotonic() + 240
+    while not (first.is_file() and first.stat().st_size > 0) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    saved = names(tmp_path / "samples")
+    assert 2 <= len(saved) < 200 and saved == [f"{k:05d}.png" for k in range(len(saved))]  # no placeholder left
+    for name in saved:
+        assert params(tmp_path / "samples" / name)
+    grid = Image.open(tmp_path / "grid-0000.png")  # n_rows = n_samples = 1: one row per finished image
+    assert grid.size[0] == 66 + 2 and (grid.size[1] - 2) // 66 in (len(saved) - 1, len(saved))
+    assert "interrupted" in err and "Traceback" not in err
+
+
 def test_full_disk_mid_run(tiny, tmp_path, monkeypatch):
     real_save, calls = Image.Image.save, []
 
@@ -424,6 +447,7 @@ BAD_INPUTS = {
     "prompt file not UTF-8": (["--from-file", "{tmp}/latin1.txt"], ["not UTF-8"]),
     "unwritable outdir": (["--outdir", "{tmp}/a_file/out"], ["cannot write to --outdir"]),
     "laion400m": (["--laion400m"], ["not supported"]),
+    "empty watermark text": (["--watermark", ""], ["--watermark needs a text"]),
     "PNG without parameters": (["--from_png", "{tmp}/plain.png"], ["no generation parameters"]),
 }
 
