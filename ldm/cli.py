@@ -76,12 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ddim_eta", type=float, default=None,
                    help="DDIM eta (default 0.0: deterministic), or the noise scale of the ancestral samplers (default 1.0)")
     g.add_argument("--scale", type=float, default=7.5,
-                   help="classifier-free guidance scale: eps = eps(neg) + scale * (eps(prompt) - eps(neg)) (default %(default)s)")
+                   help="classifier-free guidance scale: eps = eps(neg) + scale * (eps(prompt) - eps(neg)) "
+                        "(default %(default)s)")
     g.add_argument("--seed", type=int, default=42, help="seed of image 0; image k uses seed + k (default %(default)s)")
     g.add_argument("--fixed_code", action="store_true",
                    help="every batch reuses the start codes (seeds) of the first batch")
     g.add_argument("--n_iter", type=int, default=2, help="how many times to sample each batch (default %(default)s)")
-    g.add_argument("--n_samples", type=int, default=3, help="batch size: images per prompt per iteration (default %(default)s)")
+    g.add_argument("--n_samples", type=int, default=3,
+                   help="batch size: images per prompt per iteration; with --from-file, prompts per batch "
+                        "(default %(default)s)")
     g.add_argument("--batched", action="store_true",
                    help="sample the --n_samples images of a batch through the model together: faster on a GPU, but an "
                         "image then matches its regeneration alone only up to rounding (default: one at a time, exact)")
@@ -94,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", type=str, default=DEFAULT_CONFIG, help="model config YAML (default %(default)s)")
     g.add_argument("--ckpt", type=str, default=DEFAULT_CKPT, help="checkpoint, .ckpt or .safetensors (default %(default)s)")
     g.add_argument("--demo", action="store_true",
-                   help="the bundled demo model: --config configs/demo/shapes.yaml --ckpt models/demo/shapes.safetensors --H 64 --W 64")
+                   help="the bundled demo model: --config configs/demo/shapes.yaml "
+                        "--ckpt models/demo/shapes.safetensors --H 64 --W 64")
     g.add_argument("--use_ema", action="store_true", help="use the checkpoint's EMA weights of the UNet")
     g.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
     g.add_argument("--precision", type=str, choices=["full", "autocast", "half"], default="autocast",
@@ -108,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip_save", action="store_true", help="do not write the individual samples")
     g.add_argument("--n_rows", type=int, default=0, help="images per row of the grid (default: --n_samples)")
     g.add_argument("--save_intermediates", action="store_true",
-                   help="also write OUTDIR/intermediates/NNNNN.png per image: x_t (top) and predicted x_0 (bottom) every few steps")
+                   help="also write OUTDIR/intermediates/NNNNN.png per image: x_t (top) and predicted x_0 "
+                        "(bottom) every few steps")
 
     g = p.add_argument_group("safety checker and watermark")
     g.add_argument("--safety_checker", type=str, default=None, metavar="DIR",
@@ -342,7 +347,7 @@ def _run(args, given) -> int:
     checker, checker_note = None, None
     if args.no_safety_checker:
         checker_note = "safety checker disabled (--no_safety_checker): images are written unchecked"
-    elif args.demo and "safety_checker" not in given:
+    elif args.demo and not given & {"ckpt", "safety_checker"}:
         checker_note = "safety checker: not needed for the bundled demo model (it only draws simple shapes)"
     else:
         from .safety import SafetyChecker

@@ -179,7 +179,8 @@ def prompt_batches(prompts, negative_prompts, n_samples: int, repeat: bool) -> l
     return [pairs[i:i + n_samples] for i in range(0, len(pairs), n_samples)]
 
 
-def plan_work(batches: list[list[tuple[str, str]]], n_iter: int, seed: int, fixed_code: bool = False) -> list[list[WorkItem]]:
+def plan_work(batches: list[list[tuple[str, str]]], n_iter: int, seed: int,
+              fixed_code: bool = False) -> list[list[WorkItem]]:
     """All work items of a run, batch by batch: n_iter passes over `batches`, image index k counting
     up in that order. With fixed_code, position i of every batch gets the seed of position i of
     the first batch (the original reused one start code tensor for all batches)."""
@@ -236,7 +237,8 @@ class Options:
         if self.eta is not None and self.eta < 0:
             raise ValueError(f"--ddim_eta must not be negative, got {self.eta}")
         if self.eta and not sampler.stochastic and sampler.name != "ddim":
-            raise ValueError(f"sampler {sampler.name!r} is deterministic: --ddim_eta applies to ddim and the ancestral samplers")
+            raise ValueError(f"sampler {sampler.name!r} is deterministic: "
+                             "--ddim_eta applies to ddim and the ancestral samplers")
         if model is not None:
             if self.C != model.channels:
                 raise ValueError(f"--C {self.C}: this model has {model.channels} latent channels")
@@ -308,7 +310,8 @@ class Txt2Img:
         config, ckpt = repo_path(config), repo_path(ckpt)
         config_dict = load_config(config)
         if not ckpt.is_file():
-            raise CheckpointError(missing_checkpoint_message(ckpt) if not ckpt.exists() else f"checkpoint {ckpt} is not a file")
+            raise CheckpointError(missing_checkpoint_message(ckpt) if not ckpt.exists()
+                                  else f"checkpoint {ckpt} is not a file")
         if not os.access(ckpt, os.R_OK):
             raise CheckpointError(f"cannot read checkpoint {ckpt}: permission denied")
         t0 = time.perf_counter()
@@ -378,7 +381,8 @@ class Txt2Img:
         inter = [[] for _ in items]  # per item: [(x_t, x0_pred)] at the kept steps, on the CPU
         with torch.no_grad(), self._autocast():
             for run in self.sampler_runs(items, opts):
-                conds, unconds = zip(*(self.conditioning(items[i].prompt, items[i].negative_prompt, opts.emphasis) for i in run))
+                pairs = [self.conditioning(items[i].prompt, items[i].negative_prompt, opts.emphasis) for i in run]
+                conds, unconds = zip(*pairs)
                 eps_fn = cfg_denoiser(self._eps_model, torch.cat(conds), torch.cat(unconds), opts.scale)
                 x_T = torch.stack([start_code(items[i].seed, shape) for i in run]).to(self.device)
                 generator = torch.Generator("cpu").manual_seed(items[run[0]].seed)
