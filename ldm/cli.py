@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 PROG = "txt2img"
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
@@ -111,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip_grid", action="store_true", help="do not write the grid")
     g.add_argument("--skip_save", action="store_true", help="do not write the individual samples")
     g.add_argument("--n_rows", type=int, default=0, help="images per row of the grid (default: --n_samples)")
+    g.add_argument("--resume", action="store_true",
+                   help="finish an interrupted job: name samples by image index (OUTDIR/samples/<k>.png) and skip "
+                        "the images whose file is already a valid PNG (implied naming under torchrun)")
     g.add_argument("--save_intermediates", action="store_true",
                    help="also write OUTDIR/intermediates/NNNNN.png per image: x_t (top) and predicted x_0 "
                         "(bottom) every few steps")
@@ -247,7 +251,7 @@ def main(argv=None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as e:
-        print(f"{PROG}: error: {one_line(os_error_message(e))}", file=sys.stderr)
+        print(f"{PROG}: error{_rank_tag()}: {one_line(os_error_message(e))}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as e:
         from .checkpoint import CheckpointError
@@ -255,7 +259,7 @@ def main(argv=None) -> int:
         from .safety import SafetyCheckerError
 
         if isinstance(e, (ConfigError, CheckpointError, SafetyCheckerError, ValueError, RunError)):
-            print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
+            print(f"{PROG}: error{_rank_tag()}: {one_line(e)}", file=sys.stderr)
             return EXIT_ERROR
         raise
     finally:
@@ -342,8 +346,17 @@ def _run(args, given) -> int:
     check_outdir(outdir, [outdir] + ([sample_dir] if not args.skip_save else [])
                  + ([inter_dir] if args.save_intermediates else []))
 
+    # --- under torchrun: this rank's share of the work, named by global image index
+    from .distributed import world_from_env
+
+    global _WORLD
+    _WORLD = world = world_from_env(args.device)
+    job = None
+    if world.launched or args.resume:
+        job = Job(plan, sample_dir, None if args.skip_save else sample_dir, args.resume, world)
+
     # --- the safety checker first: a missing one fails fast, before the model loads
-    device = pipeline.pick_device(args.device)
+    device = pipeline.pick_device(str(world.device(args.device)) if world.launched else args.device)
     checker, checker_note = None, None
     if args.no_safety_checker:
         checker_note = "safety checker disabled (--no_safety_checker): images are written unchecked"
@@ -364,14 +377,58 @@ def _run(args, given) -> int:
         notice(f"{args.from_png} was made with model hash {png_meta['model_hash']} ({png_meta.get('model', '?')}); "
                f"this run uses {pipe.model_hash} ({pipe.model_name}): the image will differ")
     load_s = time.perf_counter() - t0
-    return _generate(args, pipe, opts, plan, outdir, sample_dir, inter_dir, load_s)
+    try:
+        return _generate(args, pipe, opts, plan, outdir, sample_dir, inter_dir, load_s, job)
+    finally:
+        world.close()
 
 
-def _generate(args, pipe, opts, plan, outdir, sample_dir, inter_dir, load_s) -> int:
+_WORLD = None
+
+
+def _rank_tag() -> str:
+    return f" (rank {_WORLD.rank})" if _WORLD is not None and _WORLD.world_size > 1 else ""
+
+
+class Job:
+    """A run whose samples are named by global image index (`samples/<k:05d>.png`), so that it can
+    be split among torchrun's processes and resumed: the file of image k is the same whatever the
+    number of processes, and `--resume` skips the images whose file is already a valid PNG."""
+
+    def __init__(self, plan, sample_dir, saved_dir, resume, world):
+        from . import images as imagelib
+
+        self.world, self.sample_dir = world, sample_dir
+        self.skipped = []  # items whose valid file was found (--resume)
+        self.plan = []  # this rank's batches of the items still to make
+        for items in plan:
+            mine = []
+            for item in items:
+                path = self.path(item)
+                if saved_dir is not None and path.exists():
+                    if not resume:
+                        raise ValueError(f"{path} already exists: --resume finishes that job, or use a new --outdir")
+                    if imagelib.is_valid_png(path):
+                        self.skipped.append(item)
+                        continue
+                if item.index % world.world_size == world.rank:
+                    mine.append(item)
+            if mine:
+                self.plan.append(mine)
+        world.barrier()  # every rank has looked before any rank writes
+
+    def path(self, item) -> Path:
+        return self.sample_dir / f"{item.index:05d}.png"
+
+
+def _generate(args, pipe, opts, plan, outdir, sample_dir, inter_dir, load_s, job=None) -> int:
     from tqdm import tqdm
 
     from . import images as imagelib
 
+    world = job.world if job else None
+    if job:
+        plan = job.plan
     samples = imagelib.NumberedFiles(sample_dir, 5)
     intermediates = imagelib.NumberedFiles(inter_dir, 5)
     grids = imagelib.NumberedFiles(outdir, 4, prefix="grid-")
@@ -395,10 +452,12 @@ def _generate(args, pipe, opts, plan, outdir, sample_dir, inter_dir, load_s) -> 
     n_images = sum(len(items) for items in plan)
     status = EXIT_INTERRUPTED
     try:
-        with tqdm(total=n_images, desc="images", unit="img", position=0) as image_bar:
+        quiet = world is not None and not world.is_main  # one set of progress bars per job
+        with tqdm(total=n_images, desc="images", unit="img", position=0, disable=quiet) as image_bar:
             for items in plan:
                 runs = pipe.sampler_runs(items, opts)
-                with tqdm(total=opts.steps * len(runs), desc="steps", unit="step", leave=False, position=1) as step_bar:
+                with tqdm(total=opts.steps * len(runs), desc="steps", unit="step", leave=False, position=1,
+                          disable=quiet) as step_bar:
                     t0 = time.perf_counter()
                     results = pipe.generate_batch(items, opts, callback=lambda i, x, x0: step_bar.update(1))
                     sampling_s += time.perf_counter() - t0
@@ -406,10 +465,16 @@ def _generate(args, pipe, opts, plan, outdir, sample_dir, inter_dir, load_s) -> 
                 for r in results:
                     path = None
                     if not args.skip_save:
-                        path = imagelib.save_numbered(finish(r.image), samples, r.parameters)
+                        if job:
+                            path = imagelib.save_png(finish(r.image), job.path(r.item), r.parameters)
+                        else:
+                            path = imagelib.save_numbered(finish(r.image), samples, r.parameters)
                         written.append(path)
                     if r.intermediates is not None:
-                        target = inter_dir / path.name if path else intermediates.claim()
+                        if job:
+                            target = inter_dir / job.path(r.item).name
+                        else:
+                            target = inter_dir / path.name if path else intermediates.claim()
                         imagelib.save_png(r.intermediates, target, r.parameters)
                     if r.nsfw:
                         where = str(path) if path else f"image {r.item.index}"
@@ -426,7 +491,18 @@ def _generate(args, pipe, opts, plan, outdir, sample_dir, inter_dir, load_s) -> 
         # on success or Ctrl-C, the grid of what finished; after any other error, nothing more
         grid_path = None
         interrupted = sys.exc_info()[0] is KeyboardInterrupt
-        if (status == 0 or interrupted) and done and not args.skip_grid:
+        if job and status == 0:  # the images of every rank, and those a --resume found, in index order
+            gathered = world.gather([(r.item.index, r.image) for r in done])
+            stats = world.gather((len(written), flagged, sampling_s, steps_run))
+            if not world.is_main:
+                return 0
+            pictures = sorted([pair for part in gathered for pair in part]
+                              + [(item.index, imagelib.read_rgb(job.path(item))) for item in job.skipped])
+            done = [SimpleNamespace(image=img) for _, img in pictures]
+            written = [None] * sum(n for n, *_ in stats)
+            flagged = [f for _, part, *_ in stats for f in part]
+            sampling_s, steps_run = sum(s[2] for s in stats), sum(s[3] for s in stats)
+        if (status == 0 or (interrupted and not (world and world.active))) and done and not args.skip_grid:
             n_rows = args.n_rows or args.n_samples
             grid = imagelib.make_grid([r.image for r in done], n_rows)
             grid_path = imagelib.save_numbered(finish(grid), grids, None)
@@ -443,6 +519,8 @@ def _generate(args, pipe, opts, plan, outdir, sample_dir, inter_dir, load_s) -> 
     if grid_path:
         where.append(f"grid {grid_path}")
     summary = " and ".join(where) if where else "nothing written (--skip_save --skip_grid)"
+    if job and job.skipped:
+        summary += f" ({len(job.skipped)} already there, skipped)"
     flagged_note = f"; {len(flagged)} flagged by the safety checker" if flagged else ""
     print(f"Your samples are ready: {summary}{flagged_note}. "
           f"{per_step:.2f} s/step (model loaded in {load_s:.1f} s).")

@@ -158,6 +158,23 @@ def read_parameters(path) -> str:
     return text
 
 
+def is_valid_png(path) -> bool:
+    """Whether `path` is a complete, decodable PNG (a file cut short by a crash is not)."""
+    try:
+        with Image.open(path) as img:
+            if img.format != "PNG":
+                return False
+            img.load()
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+def read_rgb(path) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
 def png_info(parameters: str | None) -> PngImagePlugin.PngInfo | None:
     if parameters is None:
         return None

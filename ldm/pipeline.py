@@ -245,6 +245,11 @@ class Options:
             f = latent_factor(model)
             if self.f != f:
                 raise ValueError(f"--f {self.f}: this model's autoencoder downsamples by {f}")
+            multiple = f * model.model.diffusion_model.downsample_factor
+            for name in ("H", "W"):
+                if getattr(self, name) % multiple:
+                    raise ValueError(f"--{name} must be a multiple of {multiple} for this model "
+                                     f"(--f {f} x the UNet's {multiple // f}), got {getattr(self, name)}")
 
     @property
     def stochastic(self) -> bool:

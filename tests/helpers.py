@@ -79,3 +79,16 @@ def save_checkpoint(model, path):
     else:
         torch.save({"state_dict": sd}, str(path))
     return path
+
+
+def write_tiny_model(folder, seed=1):
+    """The tiny config as YAML and a random-weight .safetensors checkpoint of it, in `folder`."""
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import build_model
+
+    cfg = tiny_config()
+    config = folder / "tiny.yaml"
+    OmegaConf.save(OmegaConf.create(cfg), config)
+    ckpt = save_checkpoint(randomize_(build_model(cfg, "cpu"), seed=seed), folder / "tiny.safetensors")
+    return config, ckpt

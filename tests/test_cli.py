@@ -434,6 +434,7 @@ BAD_INPUTS = {
     "config and checkpoint do not match": (["--config", str(REPO / V1_CONFIG)], ["does not match the config"]),
     "H not a multiple of 8": (["--H", "65"], ["--H must be a multiple of --f (8), got 65"]),
     "W not a multiple of f": (["--W", "72", "--f", "16"], ["--W must be a multiple of --f (16)"]),
+    "W too fine for the UNet": (["--W", "72"], ["--W must be a multiple of 64 for this model (--f 8 x the UNet's 8)"]),
     "f that is not the model's": (["--f", "16", "--W", "64", "--H", "64"], ["--f 16: this model's autoencoder downsamples by 8"]),
     "C that is not the model's": (["--C", "3"], ["--C 3: this model has 4 latent channels"]),
     "zero samples": (["--n_samples", "0"], ["--n_samples must be a positive integer"]),

@@ -232,6 +232,7 @@ class UNetModel(nn.Module):
         self.out_channels = out_channels
         self.model_channels = model_channels
         self.context_dim = context_dim
+        self.downsample_factor = 2 ** (len(channel_mult) - 1)  # latent sides must be multiples of this
 
         def heads_for(ch):  # (heads, dim per head); `legacy` gives the same split for spatial transformers
             if num_head_channels == -1:
