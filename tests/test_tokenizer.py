@@ -1,5 +1,6 @@
 """CLIP tokenizer: golden ids, framing, and parity with transformers' CLIPTokenizer (offline)."""
 
+import shutil
 import json
 import socket
 
@@ -155,5 +156,25 @@ def test_loading_never_opens_a_connection(monkeypatch, hf_files):
         assert load_tokenizer()("A picture of a puppy")[0, :7].tolist() == PUPPY_IDS
         assert isinstance(load_tokenizer("no-such-owner/no-such-tokenizer"), CLIPTokenizer)
         assert isinstance(load_tokenizer(str(hf_files)), HuggingFaceTokenizer)
+    finally:
+        load_tokenizer.cache_clear()
+
+
+def test_tokenizer_found_in_the_hugging_face_hub_cache(monkeypatch, tmp_path, hf_files):
+    """A copy of openai/clip-vit-large-patch14 in the hub cache layout is preferred to the shipped file."""
+    snapshot = tmp_path / "hub" / "models--openai--clip-vit-large-patch14" / "snapshots" / "0123abcd"
+    shutil.copytree(hf_files, snapshot)
+    (tmp_path / "hub" / "models--openai--clip-vit-large-patch14" / "refs").mkdir()
+    (tmp_path / "hub" / "models--openai--clip-vit-large-patch14" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    load_tokenizer.cache_clear()
+    try:
+        tok = load_tokenizer()
+        assert isinstance(tok, HuggingFaceTokenizer)
+        assert tok("A picture of a puppy")[0, :7].tolist() == PUPPY_IDS
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+        load_tokenizer.cache_clear()
+        assert isinstance(load_tokenizer(), CLIPTokenizer)
     finally:
         load_tokenizer.cache_clear()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import gzip
 import logging
+import os
 import unicodedata
 from pathlib import Path
 
@@ -185,14 +186,29 @@ class HuggingFaceTokenizer(_Framing):
         return self.hf_tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
 
+def _hf_hub_cache() -> str:
+    """The Hugging Face hub cache folder, from the environment as huggingface_hub reads it."""
+    return os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
+
+
+def _maybe_in_hf_cache(version: str) -> bool:
+    """Whether `version` is a local folder or has a folder in the Hugging Face hub cache; checked
+    without importing transformers (a second of start-up) when it plainly is not there."""
+    return Path(version).is_dir() or Path(_hf_hub_cache(), "models--" + version.replace("/", "--")).is_dir()
+
+
 @functools.lru_cache(maxsize=None)
 def load_tokenizer(version: str = DEFAULT_VERSION) -> CLIPTokenizer | HuggingFaceTokenizer:
     """The tokenizer of ``version`` from the local Hugging Face cache (or a local folder) if it
     is there, else ours built from the shipped BPE file. Never touches the network."""
+    if not _maybe_in_hf_cache(version):
+        logger.info("tokenizer %s not in the local Hugging Face cache; using the shipped CLIP BPE file", version)
+        return CLIPTokenizer.from_bpe_file()
     try:
         from transformers import CLIPTokenizer as HFCLIPTokenizer
 
-        hf_tokenizer = HFCLIPTokenizer.from_pretrained(version, local_files_only=True)
+        hf_tokenizer = HFCLIPTokenizer.from_pretrained(version, local_files_only=True, cache_dir=_hf_hub_cache())
         if hf_tokenizer.vocab_size < VOCAB_SIZE:
             # transformers 5 returns an all but empty tokenizer, not an error, when no files exist
             raise OSError(f"no tokenizer files found (vocabulary of {hf_tokenizer.vocab_size} tokens)")
