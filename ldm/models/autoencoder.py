@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import Conv2d, attention
+
 
 def Normalize(channels):
     return nn.GroupNorm(32, channels, eps=1e-6)
@@ -19,11 +21,11 @@ class ResnetBlock(nn.Module):
         super().__init__()
         out_channels = out_channels or in_channels
         self.norm1 = Normalize(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = Normalize(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+            self.nin_shortcut = Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -39,16 +41,16 @@ class AttnBlock(nn.Module):
     def __init__(self, channels):
         super().__init__()
         self.norm = Normalize(channels)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q = Conv2d(channels, channels, 1)
+        self.k = Conv2d(channels, channels, 1)
+        self.v = Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.norm(x)
         q, k, v = (proj(h).flatten(2).transpose(1, 2)[:, None] for proj in (self.q, self.k, self.v))  # (B, 1, HW, C)
-        h = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (B, HW, C)
+        h = attention(q, k, v)[:, 0]  # (B, HW, C)
         h = h.transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(h)
 
@@ -58,7 +60,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.conv = Conv2d(channels, channels, 3, stride=2)
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
@@ -67,7 +69,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -107,7 +109,7 @@ class Encoder(nn.Module):
                  attn_type="vanilla", give_pre_end=False, tanh_out=False):
         super().__init__()
         _check_vanilla(resamp_with_conv, use_linear_attn, attn_type)
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(in_channels, ch, 3, padding=1)
         in_mult = (1,) + tuple(ch_mult)
         self.down = nn.ModuleList()
         res = resolution
@@ -126,7 +128,7 @@ class Encoder(nn.Module):
             self.down.append(down)
         self.mid = _mid(c_out)
         self.norm_out = Normalize(c_out)
-        self.conv_out = nn.Conv2d(c_out, 2 * z_channels if double_z else z_channels, 3, padding=1)
+        self.conv_out = Conv2d(c_out, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -148,7 +150,7 @@ class Decoder(nn.Module):
             raise ValueError("Decoder: give_pre_end / tanh_out are not used by SD v1 and not supported")
         c = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
-        self.conv_in = nn.Conv2d(z_channels, c, 3, padding=1)
+        self.conv_in = Conv2d(z_channels, c, 3, padding=1)
         self.mid = _mid(c)
         levels = []
         for level in reversed(range(len(ch_mult))):
@@ -166,7 +168,7 @@ class Decoder(nn.Module):
             levels.insert(0, up)  # stored lowest level first, as the original's key order
         self.up = nn.ModuleList(levels)
         self.norm_out = Normalize(c)
-        self.conv_out = nn.Conv2d(c, out_ch, 3, padding=1)
+        self.conv_out = Conv2d(c, out_ch, 3, padding=1)
 
     def forward(self, z):
         h = _run_mid(self.mid, self.conv_in(z))
@@ -175,6 +177,83 @@ class Decoder(nn.Module):
             if hasattr(up, "upsample"):
                 h = up.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def forward_tiled(self, z, tile=16):
+        """`forward` computed in bands of rows, `tile` latent rows high (scaled with each upsampling).
+
+        The latent-resolution part (conv_in, the mid block and its attention) runs whole. Above it,
+        every GroupNorm takes its statistics from the whole feature map and every 3x3 convolution
+        sees one row of real context on each side of its band, so the result is `forward`'s up to
+        float rounding: no seams, and no overlap to blend. Only the layer inputs and outputs are
+        held whole; the wide temporaries (normalised, activated, upsampled) exist one band at a time.
+        """
+        h = _run_mid(self.mid, self.conv_in(z))
+        rows = tile
+        for up in reversed(self.up):
+            for i, block in enumerate(up.block):
+                h = _resnet_tiled(block, h, rows)
+                if up.attn:
+                    h = up.attn[i](h)  # global attention: whole
+            if hasattr(up, "upsample"):
+                conv = up.upsample.conv
+                out = h.new_empty(h.shape[0], conv.out_channels, 2 * h.shape[2], 2 * h.shape[3])
+                h = _by_rows(lambda b: conv(F.interpolate(b, scale_factor=2.0, mode="nearest")), h, out, rows, scale=2)
+                rows *= 2
+        stats = _group_stats(self.norm_out, h)
+        out = h.new_empty(h.shape[0], self.conv_out.out_channels, *h.shape[2:])
+        return _by_rows(lambda b: self.conv_out(_norm_silu(self.norm_out, stats, b)), h, out, rows)
+
+
+# ----------------------------------------------------------------------------- decoding in bands of rows
+
+
+def _group_stats(norm, x):
+    """(mean, 1/std) [B, groups] of GroupNorm `norm` over the whole of x, in float32."""
+    groups = x.reshape(x.shape[0], norm.num_groups, -1)  # (B, G, C/G * H * W), a view
+    if x.dtype == torch.float32:
+        var, mean = torch.var_mean(groups, dim=-1, unbiased=False)
+    else:  # in float32 one group at a time, never a float32 copy of the whole map
+        stats = [torch.var_mean(groups[:, g].float(), dim=-1, unbiased=False) for g in range(norm.num_groups)]
+        var, mean = (torch.stack(s, dim=1) for s in zip(*stats))
+    return mean, torch.rsqrt(var + norm.eps)
+
+
+def _norm_silu(norm, stats, x):
+    """SiLU(GroupNorm(x)) with the given statistics: pointwise, so it applies to any band of rows."""
+    mean, rstd = stats
+    B, C = x.shape[:2]
+    per_group = C // norm.num_groups
+    scale = (rstd[:, :, None] * norm.weight.float().view(norm.num_groups, per_group)).reshape(B, C, 1, 1)
+    shift = norm.bias.float().view(1, C, 1, 1) - mean.repeat_interleave(per_group, dim=1).view(B, C, 1, 1) * scale
+    return F.silu(torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype)), inplace=True)
+
+
+def _by_rows(fn, x, out, rows, scale=1, halo=1):
+    """out = fn(x) for a local fn (3x3 support): x in bands of `rows` rows with `halo` rows of context each
+    side; fn maps a band of n rows to scale * n rows. Returns out."""
+    H = x.shape[2]
+    for r0 in range(0, H, rows):
+        r1 = min(r0 + rows, H)
+        s0, s1 = max(r0 - halo, 0), min(r1 + halo, H)
+        y = fn(x[:, :, s0:s1])  # (B, C', scale * (s1 - s0), W')
+        out[:, :, scale * r0:scale * r1] = y[:, :, scale * (r0 - s0):scale * (r1 - s0)]
+    return out
+
+
+def _resnet_tiled(block, x, rows):
+    """ResnetBlock.forward in bands of rows, with whole-map GroupNorm statistics."""
+    B, _, H, W = x.shape
+    c_out = block.conv1.out_channels
+    stats = _group_stats(block.norm1, x)
+    h = _by_rows(lambda b: block.conv1(_norm_silu(block.norm1, stats, b)), x, x.new_empty(B, c_out, H, W), rows)
+    stats = _group_stats(block.norm2, h)
+    out = _by_rows(lambda b: block.conv2(_norm_silu(block.norm2, stats, b)), h, x.new_empty(B, c_out, H, W), rows)
+    del h
+    skip = getattr(block, "nin_shortcut", None)
+    for r0 in range(0, H, rows):  # the residual, band by band
+        band = x[:, :, r0:r0 + rows]
+        out[:, :, r0:r0 + rows] += band if skip is None else skip(band)
+    return out
 
 
 def _check_vanilla(resamp_with_conv, use_linear_attn, attn_type):
@@ -212,8 +291,8 @@ class AutoencoderKL(nn.Module):
             raise ValueError("AutoencoderKL: ddconfig.double_z must be true (the KL posterior needs mean and logvar)")
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
-        self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
+        self.quant_conv = Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
+        self.post_quant_conv = Conv2d(embed_dim, ddconfig["z_channels"], 1)
         self.embed_dim = embed_dim
 
     def encode(self, x):
@@ -221,6 +300,11 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z):
         return self.decoder(self.post_quant_conv(z))
+
+    def decode_tiled(self, z, tile=16):
+        """`decode` one image at a time and in bands of `tile` latent rows (see Decoder.forward_tiled):
+        the same image up to float rounding, in a fraction of the memory for large images."""
+        return torch.cat([self.decoder.forward_tiled(self.post_quant_conv(z[i:i + 1]), tile) for i in range(len(z))])
 
     def forward(self, x, sample_posterior=True, generator=None):
         posterior = self.encode(x)

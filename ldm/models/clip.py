@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import Linear
 from .tokenizer import load_tokenizer
 
 CLIP_VIT_L14 = "openai/clip-vit-large-patch14"
@@ -24,10 +25,10 @@ class CLIPAttention(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
         self.heads = heads
-        self.q_proj = nn.Linear(width, width)
-        self.k_proj = nn.Linear(width, width)
-        self.v_proj = nn.Linear(width, width)
-        self.out_proj = nn.Linear(width, width)
+        self.q_proj = Linear(width, width)
+        self.k_proj = Linear(width, width)
+        self.v_proj = Linear(width, width)
+        self.out_proj = Linear(width, width)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -40,8 +41,8 @@ class CLIPMLP(nn.Module):
     def __init__(self, width, hidden, act):
         super().__init__()
         self.act = act
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
+        self.fc1 = Linear(width, hidden)
+        self.fc2 = Linear(hidden, width)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import Conv2d, Linear, attention
+
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32, whatever the activation dtype (as the original)."""
@@ -46,10 +48,10 @@ class CrossAttention(nn.Module):
         inner = heads * dim_head
         context_dim = context_dim or query_dim
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())  # .1 was Dropout
+        self.to_q = Linear(query_dim, inner, bias=False)
+        self.to_k = Linear(context_dim, inner, bias=False)
+        self.to_v = Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(Linear(inner, query_dim), nn.Identity())  # .1 was Dropout
 
     def forward(self, x, context=None):
         context = x if context is None else context
@@ -58,7 +60,7 @@ class CrossAttention(nn.Module):
         q = self.to_q(x).view(B, N, h, -1).transpose(1, 2)  # (B, h, N, d)
         k = self.to_k(context).view(B, context.shape[1], h, -1).transpose(1, 2)  # (B, h, M, d)
         v = self.to_v(context).view(B, context.shape[1], h, -1).transpose(1, 2)  # (B, h, M, d)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
+        out = attention(q, k, v)  # (B, h, N, d)
         out = out.transpose(1, 2).reshape(B, N, -1)  # (B, N, h*d)
         return self.to_out(out)
 
@@ -66,7 +68,7 @@ class CrossAttention(nn.Module):
 class GEGLU(nn.Module):
     def __init__(self, dim_in, dim_out):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x):
         x, gate = self.proj(x).chunk(2, dim=-1)
@@ -77,7 +79,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim, mult=4):
         super().__init__()
         inner = dim * mult
-        self.net = nn.Sequential(GEGLU(dim, inner), nn.Identity(), nn.Linear(inner, dim))  # .1 was Dropout
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Identity(), Linear(inner, dim))  # .1 was Dropout
 
     def forward(self, x):
         return self.net(x)
@@ -106,11 +108,11 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         inner = n_heads * d_head
         self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(in_channels, inner, 1)
+        self.proj_in = Conv2d(in_channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(inner, n_heads, d_head, context_dim=context_dim) for _ in range(depth)]
         )
-        self.proj_out = nn.Conv2d(inner, in_channels, 1)
+        self.proj_out = Conv2d(inner, in_channels, 1)
 
     def forward(self, x, context=None):
         B, C, H, W = x.shape
@@ -128,7 +130,7 @@ class SpatialTransformer(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels, out_channels=None):
         super().__init__()
-        self.op = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, out_channels or channels, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.op(x)
@@ -137,7 +139,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels, out_channels=None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+        self.conv = Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -149,12 +151,12 @@ class ResBlock(nn.Module):
     def __init__(self, channels, emb_channels, out_channels=None):
         super().__init__()
         out_channels = out_channels or channels
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            normalization(out_channels), nn.SiLU(), nn.Identity(), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            normalization(out_channels), nn.SiLU(), nn.Identity(), Conv2d(out_channels, out_channels, 3, padding=1)
         )  # .2 was Dropout
-        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        self.skip_connection = nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
 
     def forward(self, x, emb):
         h = self.in_layers(x)
@@ -240,9 +242,9 @@ class UNetModel(nn.Module):
             return ch // num_head_channels, num_head_channels
 
         time_dim = model_channels * 4
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        self.time_embed = nn.Sequential(Linear(model_channels, time_dim), nn.SiLU(), Linear(time_dim, time_dim))
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(in_channels, model_channels, 3, padding=1))])
         skip_chans = [model_channels]
         ch, ds = model_channels, 1
         for level, mult in enumerate(channel_mult):
@@ -276,7 +278,7 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), Conv2d(model_channels, out_channels, 3, padding=1))
 
     def forward(self, x, timesteps, context):
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
