@@ -66,3 +66,21 @@ def test_tiled_full_v1_vae_512x512():
     z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(3))
     whole = _check(vae, z, tile=16, tol=1e-4)
     assert whole.shape == (1, 3, 512, 512)
+
+
+def test_decode_first_stage_tiles_large_latents(monkeypatch):
+    from ldm.checkpoint import build_model
+    from ldm.models import diffusion
+
+    model = randomize_(build_model(tiny_config(), "cpu"), 0).eval()
+    z = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(4))
+    calls = []
+    tiled = model.first_stage_model.decode_tiled
+    monkeypatch.setattr(model.first_stage_model, "decode_tiled", lambda z: calls.append(z.shape) or tiled(z))
+    with torch.no_grad():
+        whole = model.decode_first_stage(z)
+        assert not calls  # 144 latent pixels: below the threshold
+        monkeypatch.setattr(diffusion, "TILED_DECODE_ABOVE", 100)
+        banded = model.decode_first_stage(z)
+    assert calls == [(1, 4, 12, 12)]
+    assert rel_err(banded, whole) < 1e-5

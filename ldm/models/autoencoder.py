@@ -228,32 +228,37 @@ def _norm_silu(norm, stats, x):
     return F.silu(torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype)), inplace=True)
 
 
-def _by_rows(fn, x, out, rows, scale=1, halo=1):
-    """out = fn(x) for a local fn (3x3 support): x in bands of `rows` rows with `halo` rows of context each
-    side; fn maps a band of n rows to scale * n rows. Returns out."""
+def _by_rows(fn, x, out, rows, scale=1, halo=1, accumulate=False):
+    """out = fn(x) (or out += fn(x)) for a local fn (3x3 support): x in bands of `rows` rows with `halo`
+    rows of context each side; fn maps a band of n rows to scale * n rows. Returns out."""
     H = x.shape[2]
     for r0 in range(0, H, rows):
         r1 = min(r0 + rows, H)
         s0, s1 = max(r0 - halo, 0), min(r1 + halo, H)
-        y = fn(x[:, :, s0:s1])  # (B, C', scale * (s1 - s0), W')
-        out[:, :, scale * r0:scale * r1] = y[:, :, scale * (r0 - s0):scale * (r1 - s0)]
+        y = fn(x[:, :, s0:s1])[:, :, scale * (r0 - s0):scale * (r1 - s0)]  # (B, C', scale * (r1 - r0), W')
+        if accumulate:
+            out[:, :, scale * r0:scale * r1] += y
+        else:
+            out[:, :, scale * r0:scale * r1] = y
     return out
 
 
 def _resnet_tiled(block, x, rows):
-    """ResnetBlock.forward in bands of rows, with whole-map GroupNorm statistics."""
+    """ResnetBlock.forward in bands of rows, with whole-map GroupNorm statistics. Without a channel
+    change, the result is written into x (which conv2 does not read), one map fewer held whole."""
     B, _, H, W = x.shape
     c_out = block.conv1.out_channels
     stats = _group_stats(block.norm1, x)
     h = _by_rows(lambda b: block.conv1(_norm_silu(block.norm1, stats, b)), x, x.new_empty(B, c_out, H, W), rows)
     stats = _group_stats(block.norm2, h)
-    out = _by_rows(lambda b: block.conv2(_norm_silu(block.norm2, stats, b)), h, x.new_empty(B, c_out, H, W), rows)
-    del h
     skip = getattr(block, "nin_shortcut", None)
-    for r0 in range(0, H, rows):  # the residual, band by band
-        band = x[:, :, r0:r0 + rows]
-        out[:, :, r0:r0 + rows] += band if skip is None else skip(band)
-    return out
+    if skip is None:
+        out = x
+    else:
+        out = x.new_empty(B, c_out, H, W)
+        for r0 in range(0, H, rows):
+            out[:, :, r0:r0 + rows] = skip(x[:, :, r0:r0 + rows])
+    return _by_rows(lambda b: block.conv2(_norm_silu(block.norm2, stats, b)), h, out, rows, accumulate=True)
 
 
 def _check_vanilla(resamp_with_conv, use_linear_attn, attn_type):
@@ -301,9 +306,10 @@ class AutoencoderKL(nn.Module):
     def decode(self, z):
         return self.decoder(self.post_quant_conv(z))
 
+    @torch.no_grad()
     def decode_tiled(self, z, tile=16):
         """`decode` one image at a time and in bands of `tile` latent rows (see Decoder.forward_tiled):
-        the same image up to float rounding, in a fraction of the memory for large images."""
+        the same image up to float rounding, in less memory for large images. Inference only."""
         return torch.cat([self.decoder.forward_tiled(self.post_quant_conv(z[i:i + 1]), tile) for i in range(len(z))])
 
     def forward(self, x, sample_posterior=True, generator=None):

@@ -13,6 +13,9 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+# Latent pixels (h * w) above which decode_first_stage decodes in bands: beyond 1024x1024 images.
+TILED_DECODE_ABOVE = 128 * 128
+
 # The derived schedule buffers of the original, in its registration order.
 SCHEDULE_BUFFERS = (
     "betas",
@@ -137,5 +140,9 @@ class LatentDiffusion(nn.Module):
         return self.scale_factor * posterior.sample(generator)
 
     def decode_first_stage(self, z):
-        """Scaled latents -> images in about [-1, 1]."""
-        return self.first_stage_model.decode(z / self.scale_factor)
+        """Scaled latents -> images in about [-1, 1]. Beyond 1024x1024 images, the autoencoder decodes one
+        image at a time in bands of rows (`decode_tiled`: the same result, in less memory)."""
+        z = z / self.scale_factor
+        if z.shape[-2] * z.shape[-1] > TILED_DECODE_ABOVE and not torch.is_grad_enabled():
+            return self.first_stage_model.decode_tiled(z)
+        return self.first_stage_model.decode(z)

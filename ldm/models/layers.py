@@ -87,6 +87,18 @@ def attention(q, k, v):
     return out
 
 
+def geglu(x, proj):
+    """a * GELU(g) for [a, g] = proj(x).chunk(2, -1): on the oneDNN path, two matmuls whose epilogues
+    apply the GELU and the product, instead of a matmul and two passes over a strided half each."""
+    if not _fast(x, proj.weight):
+        a, gate = proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+    w_a, w_g = proj.weight.chunk(2)
+    b_a, b_g = (None, None) if proj.bias is None else proj.bias.chunk(2)
+    gate = torch.ops.mkldnn._linear_pointwise(x, w_g, b_g, "gelu", [], "none")  # "none": the exact (erf) GELU
+    return torch.ops.mkldnn._linear_pointwise.binary(x, gate, w_a, b_a, "mul")
+
+
 class Linear(nn.Linear):
     def forward(self, x):
         if _fast(x, self.weight):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2d, Linear, attention
+from .layers import Conv2d, Linear, attention, geglu
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -71,8 +71,7 @@ class GEGLU(nn.Module):
         self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x):
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        return geglu(x, self.proj)  # x, gate = proj(x).chunk(2, -1); x * gelu(gate)
 
 
 class FeedForward(nn.Module):
