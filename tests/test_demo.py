@@ -1,0 +1,120 @@
+"""The bundled demo model: its procedural dataset, the pixel classifier, and its end-to-end quality."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ldm.checkpoint import load_model, read_state_dict
+from ldm.config import load_config
+from ldm.demo import shapes
+from ldm.demo.evaluate import evaluate, start_noise
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs/demo/shapes.yaml"
+CKPT = ROOT / "models/demo/shapes.safetensors"
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+def test_dataset_is_deterministic_given_a_seed():
+    a_images, a_captions, a_scenes = shapes.make_dataset(16, seed=7)
+    b_images, b_captions, b_scenes = shapes.make_dataset(16, seed=7)
+    c_images, _, _ = shapes.make_dataset(16, seed=8)
+    assert a_images.shape == (16, 64, 64, 3) and a_images.dtype == np.uint8
+    assert np.array_equal(a_images, b_images) and a_captions == b_captions and a_scenes == b_scenes
+    assert not np.array_equal(a_images, c_images)
+    # Golden values: the stream must not drift between versions (the committed model was trained on it).
+    assert a_captions[:3] == ["an orange triangle on a white background", "a yellow triangle",
+                              "a red triangle on a white background"]
+    assert int(a_images.astype(np.int64).sum()) == 31_464_042
+
+
+def test_captions_name_what_the_image_shows():
+    images, captions, scenes = shapes.make_dataset(300, seed=1)
+    forms = set()
+    for image, caption, scene in zip(images, captions, scenes):
+        words = caption.split()
+        assert scene.colour in words and scene.shape in words
+        if len(words) > 3:
+            assert scene.background in words
+        forms.add(len(words))
+        # The image holds the captioned shape: its box lies inside the image, and the
+        # caption's colours are the image's (shape pixels and border pixels).
+        assert shapes.MIN_SIZE <= scene.size <= shapes.MAX_SIZE
+        half = scene.size / 2
+        assert shapes.MARGIN <= scene.cx - half and scene.cx + half <= 64 - shapes.MARGIN
+        assert tuple(image[0, 0]) == shapes.BACKGROUNDS[scene.background]
+        assert tuple(image[int(scene.cy + half / 2), int(scene.cx)]) == shapes.COLOURS[scene.colour]
+    assert forms == {2, 3, 4, 7}  # every caption form occurs
+
+
+def test_held_out_triples():
+    held = shapes.held_out_triples()
+    assert len(held) == 18 and len(shapes.train_triples()) == 36
+    # Every (colour, shape) pair, and every word, is still seen in training with other backgrounds.
+    pairs = {(c, s) for c, s, _ in shapes.train_triples()}
+    assert len(pairs) == 18
+    _, captions, scenes = shapes.make_dataset(2000, seed=0)
+    assert not any(shapes.is_held_out(sc.colour, sc.shape, sc.background) for sc in scenes)
+    prompts = {p for p, _ in shapes.eval_prompts(18)}
+    assert len(prompts) == 18 and not prompts & set(captions)
+
+
+def test_classifier_is_exact_on_clean_images():
+    for held_out in (False, True):
+        images, _, scenes = shapes.make_dataset(600, seed=11, held_out=held_out)
+        for image, scene in zip(images, scenes):
+            assert shapes.classify(image) == (scene.shape, scene.colour, scene.background), scene
+
+
+def test_classifier_reports_an_empty_image():
+    image = np.full((64, 64, 3), shapes.BACKGROUNDS["gray"], dtype=np.uint8)
+    assert shapes.classify(image) == (None, None, "gray")
+
+
+def test_start_noise_is_per_image():
+    x = start_noise(5, seed=3)
+    assert torch.equal(x[4], torch.randn([4, 8, 8], generator=torch.Generator("cpu").manual_seed(7)))
+    assert torch.equal(start_noise(2, seed=6)[1], x[4])
+
+
+# ----------------------------------------------------------------------------- the committed model
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    return load_model(CONFIG, CKPT, "cpu")
+
+
+def test_committed_model_file(demo_model):
+    sd = read_state_dict(CKPT)
+    prefixes = {k.split(".")[0] for k in sd}
+    assert prefixes >= {"model", "first_stage_model", "cond_stage_model"}
+    assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in sd)
+    assert CKPT.stat().st_size < 25 * 2**20
+    # The config and the file agree on the latent scale.
+    config_scale = load_config(CONFIG)["model"]["params"]["scale_factor"]
+    assert demo_model.scale_factor == pytest.approx(config_scale, rel=1e-4)
+    assert demo_model.scale_factor == pytest.approx(float(sd["scale_factor"]), rel=1e-6)
+
+
+def test_demo_model_quality(demo_model):
+    """24 held-out prompts, DPM-Solver++ 20 steps, scale 7.5 (75 % colour, 75 % shape when
+    committed; 71.9 % and 76.0 % over 96 images, models/demo/EVAL.md). Floors, not the issue's
+    targets, which this model misses."""
+    r = evaluate(demo_model, "dpm_solver", steps=20, scale=7.5, n=24, seed=0)
+    assert r.colour_accuracy >= 0.7, r.records
+    assert r.shape_accuracy >= 0.7, r.records
+    assert r.background_accuracy >= 0.45, r.records
+
+
+def test_guidance_matters(demo_model):
+    """DDIM 50 steps on the same 24 prompts: 95.8 % colour at scale 7.5, 79.2 % at scale 1."""
+    guided = evaluate(demo_model, "ddim", steps=50, scale=7.5, n=24, seed=0)
+    plain = evaluate(demo_model, "ddim", steps=50, scale=1.0, n=24, seed=0)
+    assert guided.colour_accuracy >= 0.9, guided.records
+    assert guided.colour_accuracy >= plain.colour_accuracy + 0.1
