@@ -1,0 +1,613 @@
+"""Benchmarks: our txt2img against diffusers on the same checkpoint, and against the machine's GEMM speed.
+
+    python bench/run.py                      # CPU, float32: 256x256 and 512x512 (10 to 15 min on 2 cores)
+    python bench/run.py --device cuda        # GPU, float16: 512x512, 50 steps, batch 1
+    python bench/run.py --readme             # also rewrite the results table of bench/README.md
+
+Both sides get the same checkpoint (the real v1 architecture with random weights, 4.27 GB in the
+original layout, written by make_checkpoint.py on first use), the same dtype, the same number of
+threads, SDPA attention and the same work. Per-step and decode timings run in one process,
+interleaved ours / diffusers so that load from other processes hits both alike, and report the
+minimum over repeats. Loading, end-to-end sampling and peak memory are measured in a fresh
+subprocess per side. Diffusers loads through its own single-file code (`from_single_file` with
+the original YAML), builds its pipeline from those parts and gets the same token ids.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.make_checkpoint import DEFAULT_OUT, V1_CONFIG  # noqa: E402
+
+RESULTS = ROOT / "bench/results"
+README = ROOT / "bench/README.md"
+PROMPT = "a painting of a virus monster playing guitar"
+GB = 1e9
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def interleaved(fns, repeats, device, log=None, warmup=True):
+    """{name: [seconds]}: one warm-up call each, then `repeats` rounds calling every fn once in turn."""
+    times = {name: [] for name in fns}
+    for name, fn in fns.items():
+        if warmup:
+            timed(fn, device)
+    for r in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+            if log:
+                log(f"    {name}: {times[name][-1]:.3f} s")
+    return times
+
+
+def peak_rss():
+    """Peak resident set size of this process in bytes (VmHWM)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def machine(device, threads):
+    env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "LDM_ONEDNN", "THP_MEM_ALLOC_ENABLE")
+           if k in os.environ}
+    info = {"env": env, "python": platform.python_version(), "torch": torch.__version__, "threads": threads,
+            "cores": os.cpu_count(), "os": platform.platform(), "nice": os.nice(0)}
+    try:
+        import diffusers
+        import transformers
+
+        info["diffusers"], info["transformers"] = diffusers.__version__, transformers.__version__
+    except ImportError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        with open("/proc/meminfo") as f:
+            info["ram_gb"] = round(int(next(line.split()[1] for line in f if line.startswith("MemTotal"))) * 1024 / GB, 1)
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / GB, 1)
+    return info
+
+
+def gemm_tflops(device, dtype, repeats=5):
+    """The machine's measured GEMM throughput: {kernel: TFLOPS} for an n x n x n product."""
+    n = 8192 if torch.device(device).type == "cuda" else 4096
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    flops = 2 * n**3
+    kernels = {"torch.mm": lambda: torch.mm(a, b)}
+    if torch.device(device).type == "cpu":
+        from ldm.models import layers
+
+        kernels = {"torch.mm (MKL)": kernels["torch.mm"]}
+        if layers._onednn_available():
+            kernels["oneDNN matmul"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    with torch.inference_mode():
+        times = interleaved(kernels, repeats, device)
+    return {name: flops / min(t) / 1e12 for name, t in times.items()}
+
+
+def unet_flops(config, size, batch=2):
+    """FLOPs of one UNet forward at image size `size` (batch 2: one guided step), counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ldm.checkpoint import build_model
+
+    unet = build_model(config, "meta").model.diffusion_model
+    with torch.device("meta"):
+        x = torch.empty(batch, unet.in_channels, size // 8, size // 8)
+        t = torch.empty(batch)
+        c = torch.empty(batch, 77, unet.context_dim)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(x, t, c)
+    return counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------- the two sides
+
+
+def clip_config_dir():
+    """A local copy of CLIP ViT-L/14's text config, which diffusers' single-file loader reads (no download)."""
+    from transformers import CLIPTextConfig
+
+    path = RESULTS / "clip-vit-large-patch14-text"
+    if not (path / "config.json").is_file():
+        CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                       projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=1).save_pretrained(path)
+    return path
+
+
+def load_diffusers(ckpt, config, device, dtype):
+    """UNet, VAE and CLIP text model through diffusers' own single-file loading of the original checkpoint."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm, load_single_file_checkpoint
+    from transformers import CLIPTextModel
+
+    sd = load_single_file_checkpoint(str(ckpt))
+    kw = {"original_config": str(config), "torch_dtype": dtype, "local_files_only": True}
+    unet = UNet2DConditionModel.from_single_file(sd, **kw)
+    vae = AutoencoderKL.from_single_file(sd, **kw)
+    text = create_diffusers_clip_model_from_ldm(CLIPTextModel, sd, config=str(clip_config_dir()), torch_dtype=dtype,
+                                                local_files_only=True)
+    del sd
+    return unet.to(device).eval(), vae.to(device).eval(), text.to(device).eval()
+
+
+def diffusers_sharing(model, config):
+    """Diffusers' UNet and VAE holding our model's weight tensors (converted by diffusers' own converters)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+
+    from ldm.config import model_config
+
+    sd = model.state_dict()
+    conf = {"model": model_config(config)}
+    ucfg = sfu.create_unet_diffusers_config_from_ldm(conf, sd)
+    vcfg = sfu.create_vae_diffusers_config_from_ldm(conf, sd, scaling_factor=model.scale_factor)
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**ucfg), AutoencoderKL(**vcfg)
+    unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(sd, ucfg), strict=True, assign=True)
+    vae.load_state_dict(sfu.convert_ldm_vae_checkpoint(sd, vcfg), strict=True, assign=True)
+    return unet.eval().requires_grad_(False), vae.eval().requires_grad_(False)
+
+
+def ours_image_fn(pipe, args):
+    """One image end to end through our pipeline: text encoding, DDIM with guidance 7.5, decoding to PIL."""
+
+    def image(seed, steps=None):
+        return pipe(PROMPT, steps=steps or args.e2e_steps, H=args.e2e_size, W=args.e2e_size, n_samples=1, n_iter=1, seed=seed,
+                    scale=7.5, sampler="ddim")[0].image
+
+    return image
+
+
+def diffusers_image_fn(unet, vae, text, args):
+    """The same through a diffusers StableDiffusionPipeline made of these parts (same token ids as ours)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from ldm.models.tokenizer import load_tokenizer
+
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    tokenizer = load_tokenizer("openai/clip-vit-large-patch14")  # the bundled vocabulary: nothing downloaded
+    device = unet.device
+
+    def image(seed, steps=None):
+        with torch.no_grad():  # as the pipeline does for a prompt string: each text encoded on its own
+            ids = tokenizer([PROMPT, ""]).to(device)
+            cond, uncond = text(ids[:1])[0], text(ids[1:])[0]
+        return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps or args.e2e_steps,
+                    guidance_scale=7.5, height=args.e2e_size, width=args.e2e_size,
+                    generator=torch.Generator("cpu").manual_seed(seed), output_type="pil").images[0]
+
+    return image
+
+
+def compile_unet(unet):
+    """torch.compile the UNet's forward in place (module tree and keys unchanged); CUDA graphs on a GPU."""
+    mode = "reduce-overhead" if next(unet.parameters()).is_cuda else "default"
+    unet.forward = torch.compile(unet.forward, mode=mode, fullgraph=False)
+    return unet
+
+
+# ----------------------------------------------------------------------------- subprocess: load, sampling, memory
+
+
+def child(args):
+    """One side in a fresh process: load time, RSS at ready, end-to-end images, peak memory."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.set_num_threads(args.threads)
+    out = {"side": args.child}
+    cuda = device.type == "cuda"
+    t0 = time.perf_counter()
+    if args.child == "ours":
+        from ldm.pipeline import Txt2Img
+
+        out["import_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        precision = "full" if dtype == torch.float32 else "half"
+        pipe = Txt2Img.from_files(args.config, args.ckpt, device=str(device), precision=precision, hash_model=False)
+        sync(device)
+        out["load_s"] = time.perf_counter() - t0
+        if args.compile:
+            compile_unet(pipe.model.model.diffusion_model)
+        image = ours_image_fn(pipe, args)
+    else:
+        import diffusers  # noqa: F401
+
+        out["import_s"] = time.perf_counter() - t0
+        clip_config_dir()
+        t0 = time.perf_counter()
+        unet, vae, text = load_diffusers(args.ckpt, args.config, device, dtype)
+        sync(device)
+        out["load_s"] = time.perf_counter() - t0
+        if args.compile:
+            compile_unet(unet)
+        image = diffusers_image_fn(unet, vae, text, args)
+
+    out["rss_ready"] = peak_rss()
+    if cuda:
+        out["gpu_ready"] = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    out["image_s"] = []
+    for i in range(args.images):
+        out["image_s"].append(timed(lambda: image(42 + i), device))
+    out["rss_peak"] = peak_rss()
+    if cuda:
+        out["gpu_peak"] = max(out["gpu_ready"], torch.cuda.max_memory_allocated())
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def hires(args):
+    """1024x1024 on our side: one guided UNet step at a 128x128 latent and the decode, with peak RSS."""
+    from ldm.checkpoint import load_model
+
+    torch.set_num_threads(args.threads)
+    model = load_model(args.config, args.ckpt, args.device, getattr(torch, args.dtype))
+    lat = 1024 // 8
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, lat, lat, generator=g).to(args.device, model.dtype)
+    c = torch.randn(2, 77, 768, generator=g).to(args.device, model.dtype)
+    t = torch.full((2,), 500.0, device=args.device)
+    out = {"side": "hires"}
+    with torch.inference_mode():
+        out["step_s"] = timed(lambda: model.apply_model(x, t, c), args.device)
+        out["rss_after_step"] = peak_rss()
+        out["decode_s"] = timed(lambda: model.decode_first_stage(x[:1]), args.device)
+    out["rss_peak"] = peak_rss()
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def drop_page_cache():
+    """Empty the kernel's page cache (root only); False when not permitted."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def run_child(args, side, log):
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--device", args.device, "--dtype",
+           args.dtype, "--threads", str(args.threads), "--ckpt", str(args.ckpt), "--config", str(args.config),
+           "--e2e-size", str(args.e2e_size), "--e2e-steps", str(args.e2e_steps), "--images", str(args.images)]
+    if args.compile:
+        cmd.append("--compile")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        log(f"  {side}: FAILED ({proc.returncode})\n" + proc.stderr[-3000:])
+        return None
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def run(args, log):
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.set_num_threads(args.threads)
+    res = {"command": "python bench/run.py " + " ".join(args.argv), "device": device.type, "dtype": args.dtype,
+           "machine": machine(device, args.threads), "load_avg_start": os.getloadavg(),
+           "date": time.strftime("%Y-%m-%d %H:%M"), "ckpt_bytes": args.ckpt.stat().st_size,
+           "e2e": {"size": args.e2e_size, "steps": args.e2e_steps, "sampler": "ddim", "scale": 7.5}}
+    log(f"machine: {res['machine']}")
+    log(f"load average at start: {res['load_avg_start']}")
+
+    res["gemm_tflops"] = gemm_tflops(device, dtype)
+    log(f"GEMM throughput: {res['gemm_tflops']}")
+    res["flops"] = {str(s): unet_flops(args.config, s) for s in args.sizes}
+    log(f"UNet FLOPs per guided step: { {s: f'{f / 1e12:.3f} T' for s, f in res['flops'].items()} }")
+
+    # 1. loading, sampling, memory: one fresh process per side (before this process holds any weights)
+    if not args.skip_e2e:
+        cold = args.cold and drop_page_cache()
+        if not cold:  # make "warm" mean warm: the whole file in the page cache
+            with open(args.ckpt, "rb") as f:
+                while f.read(1 << 26):
+                    pass
+        res["page_cache"] = "cold (dropped before each load)" if cold else "warm (file read just before)"
+        res["children"] = {}
+        for side in ["ours"] + ([] if args.skip_diffusers else ["diffusers"]):
+            if args.cold:
+                drop_page_cache()
+            log(f"load + {args.images} images ({args.e2e_size}x{args.e2e_size}, {args.e2e_steps} steps): {side} ...")
+            r = run_child(args, side, log)
+            if r:
+                res["children"][side] = r
+                log(f"  {side}: load {r['load_s']:.2f} s, RSS at ready {r['rss_ready'] / GB:.2f} GB, images "
+                    f"{', '.join(f'{s:.1f}' for s in r['image_s'])} s, peak RSS {r['rss_peak'] / GB:.2f} GB")
+
+    # 2. per-step and decode, interleaved, in this process (diffusers holds our very weight tensors)
+    from ldm.checkpoint import load_model
+    from ldm.models import layers
+
+    model = load_model(args.config, args.ckpt, device, dtype)
+    unet_d, vae_d = (None, None) if args.skip_diffusers else diffusers_sharing(model, args.config)
+    if args.compile:
+        compile_unet(model.model.diffusion_model)
+        if unet_d is not None:
+            compile_unet(unet_d)
+    g = torch.Generator().manual_seed(0)
+    res["step_s"], res["decode_s"] = {}, {}
+    with torch.inference_mode():
+        for size in args.sizes:
+            lat = size // 8
+            x = torch.randn(2, 4, lat, lat, generator=g).to(device, dtype)
+            t = torch.tensor([500.0, 500.0], device=device)
+            c = torch.randn(2, 77, 768, generator=g).to(device, dtype)
+            fns = {"ours": lambda: model.apply_model(x, t, c)}
+            if unet_d is not None:
+                fns["diffusers"] = lambda: unet_d(x, t, encoder_hidden_states=c).sample
+            if args.levers and device.type == "cpu":
+                fns["ours, oneDNN off"] = lambda: layers_off(layers, model.apply_model, x, t, c)
+            repeats = args.repeats if (size <= 256 or device.type == "cuda") else args.large_repeats
+            log(f"UNet step, batch 2, {size}x{size}, {repeats} repeats ...")
+            res["step_s"][str(size)] = interleaved(fns, repeats, device, log)
+
+            z = torch.randn(1, 4, lat, lat, generator=g).to(device, dtype)
+            fns = {"ours": lambda: model.decode_first_stage(z)}
+            if vae_d is not None:
+                fns["diffusers"] = lambda: vae_d.decode(z / vae_d.config.scaling_factor).sample
+            if args.levers and device.type == "cpu":
+                fns["ours, oneDNN off"] = lambda: layers_off(layers, model.decode_first_stage, z)
+            log(f"VAE decode, {size}x{size} ...")
+            res["decode_s"][str(size)] = interleaved(fns, repeats, device, log)
+    if not args.skip_e2e:  # end to end, interleaved: both pipelines on the weights already in memory
+        from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+        from transformers import CLIPTextModel
+
+        from ldm.pipeline import Txt2Img
+
+        fns = {"ours": ours_image_fn(Txt2Img(model, device, "full" if dtype == torch.float32 else "half"), args)}
+        if unet_d is not None:
+            text_d = create_diffusers_clip_model_from_ldm(CLIPTextModel, model.state_dict(), config=str(clip_config_dir()),
+                                                          torch_dtype=dtype, local_files_only=True).to(device).eval()
+            fns["diffusers"] = diffusers_image_fn(unet_d, vae_d, text_d, args)
+        log(f"end to end, {args.e2e_size}x{args.e2e_size}, {args.e2e_steps} DDIM steps, {args.e2e_repeats} rounds ...")
+        for f in fns.values():  # first-call costs (tokenizer, kernels for new shapes) out of the timing
+            f(0, steps=1)
+        seeds = iter(range(1000))
+        res["e2e_s"] = interleaved({k: (lambda f=f: f(42 + next(seeds))) for k, f in fns.items()}, args.e2e_repeats,
+                                   device, log, warmup=False)
+    if device.type == "cuda":
+        res["gpu_mem_bench_process"] = torch.cuda.max_memory_allocated()
+    del model, unet_d, vae_d
+
+    if args.hires:
+        log("1024x1024: one guided UNet step (latent 128x128) and the decode ...")
+        r = run_child(args, "hires", log)
+        if r:
+            res["hires"] = r
+            log(f"  step {r['step_s']:.1f} s, decode {r['decode_s']:.1f} s, peak RSS {r['rss_peak'] / GB:.2f} GB")
+    end = gemm_tflops(device, dtype)  # again at the end: the best of both is the machine's throughput
+    log(f"GEMM throughput at the end: {end}")
+    res["gemm_tflops"] = {k: max(v, end.get(k, 0.0)) for k, v in res["gemm_tflops"].items()}
+    res["load_avg_end"] = os.getloadavg()
+    res["nice_end"] = os.nice(0)  # a long job may have been reniced by the machine's scheduler meanwhile
+    return res
+
+
+def layers_off(layers, fn, *a):
+    with layers.onednn(False):
+        return fn(*a)
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def _min(v):
+    return min(v) if v else None
+
+
+def rows(res):
+    """[(figure, ours, diffusers)] with values already formatted."""
+    out = []
+    ch = res.get("children", {})
+    o, d = ch.get("ours", {}), ch.get("diffusers", {})
+    ck = res["ckpt_bytes"]
+    gemm = max(res["gemm_tflops"].values())
+
+    def both(label, key, fmt, scale=1.0):
+        a, b = o.get(key), d.get(key)
+        out.append((label, None if a is None else a / scale, None if b is None else b / scale, fmt))
+
+    both("load to ready, s (page cache " + res.get("page_cache", "?").split()[0] + ")", "load_s", "{:.2f}")
+    both("peak RSS at ready, GB", "rss_ready", "{:.2f}", GB)
+    out.append(("  the same, / checkpoint size", o.get("rss_ready", 0) / ck or None, d.get("rss_ready", 0) / ck or None,
+                "{:.2f}x"))
+    for size, times in res["step_s"].items():
+        a, b = _min(times.get("ours", [])), _min(times.get("diffusers", []))
+        out.append((f"UNet step, guided (batch 2), {size}x{size}, s", a, b, "{:.2f}"))
+        f = res["flops"][size] / 1e12
+        out.append((f"  fraction of measured sgemm ({gemm:.2f} TFLOPS; {f:.2f} TFLOP/step)",
+                    a and f / a / gemm, b and f / b / gemm, "{:.0%}"))
+        if "ours, oneDNN off" in times:
+            out.append((f"  ours with the oneDNN levers off, {size}x{size}, s", _min(times["ours, oneDNN off"]), None,
+                        "{:.2f}"))
+    for size, times in res["decode_s"].items():
+        out.append((f"VAE decode, 1 image {size}x{size}, s", _min(times.get("ours", [])),
+                    _min(times.get("diffusers", [])), "{:.2f}"))
+    e = res["e2e"]
+    if res.get("e2e_s"):
+        label = f"end-to-end per image, {e['size']}x{e['size']}, {e['steps']} DDIM steps, s"
+        out.append((label, _min(res["e2e_s"].get("ours", [])), _min(res["e2e_s"].get("diffusers", [])), "{:.1f}"))
+    if o.get("image_s") or d.get("image_s"):
+        out.append(("  first image after load (fresh process), s", (o.get("image_s") or [None])[0],
+                    (d.get("image_s") or [None])[0], "{:.1f}"))
+        both("peak RSS, fresh process: load and sampling, GB", "rss_peak", "{:.2f}", GB)
+    if o.get("gpu_peak") or d.get("gpu_peak"):
+        both("peak GPU memory, GB", "gpu_peak", "{:.2f}", GB)
+    hi = res.get("hires")
+    if hi:
+        out.append(("1024x1024, ours: guided UNet step (latent 128x128), s", hi["step_s"], None, "{:.1f}"))
+        out.append(("1024x1024, ours: VAE decode, s", hi["decode_s"], None, "{:.1f}"))
+        out.append(("1024x1024, ours: peak RSS (load, step, decode), GB", hi["rss_peak"] / GB, None, "{:.2f}"))
+    return out
+
+
+def table(results):
+    """Markdown: one column group per device measured (CPU first); a missing device leaves its columns empty."""
+    by = {r["device"]: r for r in results}
+    cpu, gpu = by.get("cpu"), by.get("cuda")
+    header = "| figure | CPU ours | CPU diffusers | ours / diffusers | GPU ours | GPU diffusers | ours / diffusers |"
+    lines = [header, "|" + "---|" * 7]
+
+    def fmt(v, f):
+        return "" if v is None else f.format(v)
+
+    def ratio(a, b, f):
+        if a is None or b is None or not b or "%" in f:
+            return ""
+        return f"{a / b:.2f}"
+
+    groups = {}
+    for dev, r in (("cpu", cpu), ("cuda", gpu)):
+        if r:
+            for label, a, b, f in rows(r):
+                groups.setdefault(label, {})[dev] = (a, b, f)
+    for label, cells in groups.items():
+        row = [label]
+        for dev in ("cpu", "cuda"):
+            if dev in cells:
+                a, b, f = cells[dev]
+                row += [fmt(a, f), fmt(b, f), ratio(a, b, f)]
+            else:
+                row += ["", "", ""]
+        lines.append("| " + " | ".join(row) + " |")
+    notes = []
+    for r in (cpu, gpu):
+        if not r:
+            continue
+        m = r["machine"]
+        where = m.get("gpu") or m.get("cpu", "?")
+        notes.append(f"- {r['device'].upper()} ({r['dtype']}): {where}, {m.get('cores')} cores, {m.get('ram_gb', '?')} GB; "
+                     f"torch {m['torch']}, diffusers {m.get('diffusers', '?')}, {m['threads']} threads at nice "
+                     f"{m.get('nice', '?')}{'' if r.get('nice_end', m.get('nice')) == m.get('nice') else ' to ' + str(r['nice_end'])}; "
+                     f"measured sgemm {', '.join(f'{k} {v:.3f} TFLOPS' for k, v in r['gemm_tflops'].items())}; "
+                     f"load average {r['load_avg_start'][0]:.1f} at start, {r['load_avg_end'][0]:.1f} at end; "
+                     f"{r['date']}; `{' '.join(f'{k}={v}' for k, v in m.get('env', {}).items())}"
+                     f"{' ' if m.get('env') else ''}{r['command']}`")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def write_readme(results):
+    text = README.read_text()
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"{README} lacks the {start} / {end} markers")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    README.write_text(head + start + "\n" + table(results) + end + tail)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", type=Path, default=DEFAULT_OUT, help="checkpoint (written by make_checkpoint.py if missing)")
+    ap.add_argument("--config", type=Path, default=V1_CONFIG)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", choices=["float32", "float16"], help="default: float32 on the CPU, float16 on a GPU")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
+    ap.add_argument("--sizes", help="image sizes for the per-step and decode figures (default 256,512 on the CPU, 512 on a GPU)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per figure")
+    ap.add_argument("--large-repeats", type=int, default=2, help="repeats at 512 and above on the CPU")
+    ap.add_argument("--e2e-size", type=int, help="image size end to end (default 256 on the CPU, 512 on a GPU)")
+    ap.add_argument("--e2e-steps", type=int, help="DDIM steps end to end (default 8 on the CPU, 50 on a GPU)")
+    ap.add_argument("--images", type=int, default=1, help="images per fresh process after loading (first-image time, peak RSS)")
+    ap.add_argument("--e2e-repeats", type=int, default=2, help="interleaved end-to-end rounds in the benchmark process")
+    ap.add_argument("--levers", action="store_true", help="also time ours with the oneDNN kernels turned off")
+    ap.add_argument("--hires", action="store_true", help="also run 1024x1024 on our side (a step and the decode)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the UNet of both sides")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before each load (needs root)")
+    ap.add_argument("--skip-e2e", action="store_true", help="skip the subprocess load / end-to-end / memory figures")
+    ap.add_argument("--skip-diffusers", action="store_true")
+    ap.add_argument("--readme", action="store_true", help="rewrite the results table in bench/README.md")
+    ap.add_argument("--name", help="results file bench/results/NAME.json (default: cpu or cuda, which the table shows)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.argv = list(argv)
+    cuda = torch.device(args.device).type == "cuda"
+    args.dtype = args.dtype or ("float16" if cuda else "float32")
+    args.sizes = [int(s) for s in (args.sizes or ("512" if cuda else "256,512")).split(",")]
+    args.e2e_size = args.e2e_size or (512 if cuda else 256)
+    args.e2e_steps = args.e2e_steps or (50 if cuda else 8)
+    return args
+
+
+def main(argv=None):
+    args = parse(sys.argv[1:] if argv is None else argv)
+    if args.child == "hires":
+        return hires(args)
+    if args.child:
+        return child(args)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU on this machine")
+    if not args.ckpt.is_file():
+        from bench.make_checkpoint import main as make
+
+        make(["--out", str(args.ckpt)])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    res = run(args, log)
+    out = RESULTS / f"{args.name or res['device']}.json"
+    out.write_text(json.dumps(res, indent=1))
+    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json")) if p.stem in ("cpu", "cuda")]
+    print("\n" + table([res] if args.name else results))
+    if args.readme:
+        write_readme(results)
+        print(f"wrote the table into {README}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
