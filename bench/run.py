@@ -1,16 +1,16 @@
 """Benchmarks: our txt2img against diffusers on the same checkpoint, and against the machine's GEMM speed.
 
-    python bench/run.py                      # CPU, float32: 256x256 and 512x512 (10 to 15 min on 2 cores)
+    python bench/run.py                      # CPU, float32: 256x256 and 512x512 (15 to 25 min on 2 cores)
     python bench/run.py --device cuda        # GPU, float16: 512x512, 50 steps, batch 1
     python bench/run.py --readme             # also rewrite the results table of bench/README.md
 
 Both sides get the same checkpoint (the real v1 architecture with random weights, 4.27 GB in the
 original layout, written by make_checkpoint.py on first use), the same dtype, the same number of
-threads, SDPA attention and the same work. Per-step and decode timings run in one process,
-interleaved ours / diffusers so that load from other processes hits both alike, and report the
-minimum over repeats. Loading, end-to-end sampling and peak memory are measured in a fresh
-subprocess per side. Diffusers loads through its own single-file code (`from_single_file` with
-the original YAML), builds its pipeline from those parts and gets the same token ids.
+threads, SDPA attention and the same work. Per-step, decode and end-to-end timings run in one
+process, interleaved ours / diffusers so that load from other processes hits both alike, and
+report the minimum over repeats. Loading, the first image and peak memory are measured in a
+fresh subprocess per side. Diffusers loads through its own single-file code (`from_single_file`
+with the original YAML), builds its pipeline from those parts and gets the same token ids.
 """
 
 import argparse
@@ -404,6 +404,7 @@ def run(args, log):
         from ldm.pipeline import Txt2Img
 
         fns = {"ours": ours_image_fn(Txt2Img(model, device, "full" if dtype == torch.float32 else "half"), args)}
+        text_d = None
         if unet_d is not None:
             text_d = create_diffusers_clip_model_from_ldm(CLIPTextModel, model.state_dict(), config=str(clip_config_dir()),
                                                           torch_dtype=dtype, local_files_only=True).to(device).eval()
@@ -416,7 +417,7 @@ def run(args, log):
                                    device, log, warmup=False)
     if device.type == "cuda":
         res["gpu_mem_bench_process"] = torch.cuda.max_memory_allocated()
-    del model, unet_d, vae_d
+    fns = text_d = model = unet_d = vae_d = None  # free this process's weights before the 1024x1024 run
 
     if args.hires:
         log("1024x1024: one guided UNet step (latent 128x128) and the decode ...")
