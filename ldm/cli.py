@@ -20,11 +20,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from .defaults import DEFAULT_CKPT, DEFAULT_CONFIG, DEFAULT_OUTDIR, DEFAULT_PROMPT
+
 PROG = "txt2img"
-DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
-DEFAULT_OUTDIR = "outputs/txt2img-samples"
-DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
-DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 NEGATIVE_MARK = "--negative_prompt"  # separates a line's prompt from its negative prompt in --from-file
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -347,13 +345,13 @@ def _run(args, given) -> int:
                  + ([inter_dir] if args.save_intermediates else []))
 
     # --- under torchrun: this rank's share of the work, named by global image index
-    from .distributed import world_from_env
+    from .distributed import Job, world_from_env
 
     global _WORLD
     _WORLD = world = world_from_env(args.device)
     job = None
     if world.launched or args.resume:
-        job = Job(plan, sample_dir, None if args.skip_save else sample_dir, args.resume, world)
+        job = Job(plan, sample_dir, args.resume, world, check_files=not args.skip_save)
 
     # --- the safety checker first: a missing one fails fast, before the model loads
     device = pipeline.pick_device(str(world.device(args.device)) if world.launched else args.device)
@@ -388,37 +386,6 @@ _WORLD = None
 
 def _rank_tag() -> str:
     return f" (rank {_WORLD.rank})" if _WORLD is not None and _WORLD.world_size > 1 else ""
-
-
-class Job:
-    """A run whose samples are named by global image index (`samples/<k:05d>.png`), so that it can
-    be split among torchrun's processes and resumed: the file of image k is the same whatever the
-    number of processes, and `--resume` skips the images whose file is already a valid PNG."""
-
-    def __init__(self, plan, sample_dir, saved_dir, resume, world):
-        from . import images as imagelib
-
-        self.world, self.sample_dir = world, sample_dir
-        self.skipped = []  # items whose valid file was found (--resume)
-        self.plan = []  # this rank's batches of the items still to make
-        for items in plan:
-            mine = []
-            for item in items:
-                path = self.path(item)
-                if saved_dir is not None and path.exists():
-                    if not resume:
-                        raise ValueError(f"{path} already exists: --resume finishes that job, or use a new --outdir")
-                    if imagelib.is_valid_png(path):
-                        self.skipped.append(item)
-                        continue
-                if item.index % world.world_size == world.rank:
-                    mine.append(item)
-            if mine:
-                self.plan.append(mine)
-        world.barrier()  # every rank has looked before any rank writes
-
-    def path(self, item) -> Path:
-        return self.sample_dir / f"{item.index:05d}.png"
 
 
 def _generate(args, pipe, opts, plan, outdir, sample_dir, inter_dir, load_s, job=None) -> int:

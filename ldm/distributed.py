@@ -15,6 +15,7 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -41,9 +42,9 @@ class World:
         """A process group is up (more than one process, or a launcher asked for one)."""
         return self.launched and torch.distributed.is_available() and torch.distributed.is_initialized()
 
-    def shard(self, items):
-        """This rank's items: every world_size-th, by global index, so ranks get equal shares."""
-        return [item for item in items if item.index % self.world_size == self.rank]
+    def owns(self, item) -> bool:
+        """Whether this rank makes `item`: every world_size-th by global index, so shares are equal."""
+        return item.index % self.world_size == self.rank
 
     def device(self, requested: str | None) -> torch.device | None:
         """The device of this rank: cuda:<local_rank> when CUDA is used, else what was requested."""
@@ -86,3 +87,34 @@ def world_from_env(device: str | None = None) -> World:
     torch.distributed.init_process_group(backend, timeout=TIMEOUT)
     log.info("rank %d of %d (%s backend)", world.rank, world.world_size, backend)
     return world
+
+
+class Job:
+    """A run whose samples are named by global image index (`samples/<k:05d>.png`), so that it can
+    be split among torchrun's processes and resumed: the file of image k is the same whatever the
+    number of processes, and `--resume` skips the images whose file is already a valid PNG."""
+
+    def __init__(self, plan, sample_dir, resume, world, check_files=True):
+        from . import images as imagelib
+
+        self.world, self.sample_dir = world, sample_dir
+        self.skipped = []  # items whose valid file was found (--resume)
+        self.plan = []  # this rank's batches of the items still to make
+        for items in plan:
+            mine = []
+            for item in items:
+                path = self.path(item)
+                if check_files and path.exists():
+                    if not resume:
+                        raise ValueError(f"{path} already exists: --resume finishes that job, or use a new --outdir")
+                    if imagelib.is_valid_png(path):
+                        self.skipped.append(item)
+                        continue
+                if world.owns(item):
+                    mine.append(item)
+            if mine:
+                self.plan.append(mine)
+        world.barrier()  # every rank has looked before any rank writes
+
+    def path(self, item) -> Path:
+        return self.sample_dir / f"{item.index:05d}.png"

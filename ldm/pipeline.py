@@ -37,16 +37,14 @@ from PIL import Image
 from . import images as imagelib
 from .checkpoint import CheckpointError, load_model
 from .config import load_config
+from .defaults import DEFAULT_CKPT, DEFAULT_CONFIG, DEFAULT_PROMPT
 from .prompt import encode_weighted, pad_chunks, tokenize_weighted
 from .samplers import cfg_denoiser, get_sampler
 from .samplers import sample as run_sampler
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
-DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 DEMO_CONFIG = "configs/demo/shapes.yaml"
 DEMO_CKPT = "models/demo/shapes.safetensors"
 PRECISIONS = ("full", "autocast", "half")
