@@ -16,6 +16,7 @@ deterministic and needs no training.
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 
@@ -180,28 +181,38 @@ def _nearest(rgb, palette):
     return names[int(np.argmin(((table - rgb) ** 2).sum(axis=1)))]
 
 
+def _largest_component(mask):
+    """The largest 8-connected region of a boolean mask (specks and stray pixels dropped)."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return np.zeros_like(mask)
+    return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+
+
 def classify(image):
     """(shape, colour, background) of one RGB uint8 image [H, W, 3], from pixel statistics.
 
     Background: the median colour of the border pixels, snapped to the nearest background
-    colour. Colour: the median of the pixels farther than MASK_DISTANCE from it, snapped to the
-    nearest shape colour. Shape mask: the pixels more than halfway from the background to that
-    median colour (the half-way contour keeps its place when a decoder blurs the edges). Shape:
-    from the mask's row widths 15% and 85% of the way down its rows, relative to its widest row:
-    an upright triangle is narrow at the top, a circle narrower than a square at both. Returns
-    shape None when the shape is missing (under 16 pixels or 2 rows).
+    colour. Shape region: the largest connected region of pixels farther than MASK_DISTANCE
+    from it (a stray speck elsewhere is not the shape). Colour: that region's median, snapped
+    to the nearest shape colour. Shape mask: the largest region of pixels more than halfway
+    from the background to that colour (the half-way contour keeps its place when a decoder
+    blurs the edges). Shape: from the mask's row widths 15% and 85% of the way down its rows,
+    relative to its widest row: an upright triangle is narrow at the top, a circle narrower
+    than a square at both. Returns shape None when the shape is missing (under 16 pixels or
+    2 rows).
     """
     img = np.asarray(image, dtype=np.float32)
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
     bg_rgb = np.median(border, axis=0)
     background = _nearest(bg_rgb, BACKGROUNDS)
     dist = np.sqrt(((img - bg_rgb) ** 2).sum(axis=-1))
-    mask = dist > MASK_DISTANCE
-    if mask.sum() < 16:
+    region = _largest_component(dist > MASK_DISTANCE)
+    if region.sum() < 16:
         return None, None, background
-    fg_rgb = np.median(img[mask], axis=0)
+    fg_rgb = np.median(img[region], axis=0)
     colour = _nearest(fg_rgb, COLOURS)
-    mask = dist > max(0.5 * float(np.sqrt(((fg_rgb - bg_rgb) ** 2).sum())), MASK_DISTANCE / 2)
+    mask = _largest_component(dist > max(0.5 * float(np.sqrt(((fg_rgb - bg_rgb) ** 2).sum())), MASK_DISTANCE / 2))
     widths = mask.sum(axis=1).astype(np.float32)  # (H,) shape pixels per row
     rows = np.nonzero(widths >= 2)[0]
     if len(rows) < 2:
