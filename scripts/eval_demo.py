@@ -2,6 +2,7 @@
 """Measure the demo model end to end: generate held-out prompts, classify the images, score.
 
     python scripts/eval_demo.py --sampler ddim --steps 50 --scale 7.5 -n 96
+    python scripts/eval_demo.py --suite -n 96      # the table of models/demo/EVAL.md
 
 Prints the command, the machine, colour / shape / background accuracy and seconds per image
 (batched generation, wall time divided by the number of images), and a Markdown table row.
@@ -24,6 +25,11 @@ from ldm.samplers import SAMPLERS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# (sampler, steps, scale) rows of the published table: the issue's three samplers at the
+# default scale, then without guidance.
+SUITE = (("ddim", 50, 7.5), ("dpm_solver", 20, 7.5), ("plms", 50, 7.5),
+         ("ddim", 50, 1.0), ("dpm_solver", 20, 1.0), ("plms", 50, 1.0))
+
 
 def machine():
     cpu = platform.processor() or platform.machine()
@@ -35,6 +41,11 @@ def machine():
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def row(r):
+    return (f"| {r.sampler} | {r.steps} | {r.scale:g} | {r.n} | {100 * r.colour_accuracy:.1f} % "
+            f"| {100 * r.shape_accuracy:.1f} % | {100 * r.background_accuracy:.1f} % | {r.seconds_per_image:.3f} |")
 
 
 def main(argv=None):
@@ -50,20 +61,28 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--grid", help="also save the images as one PNG here")
     p.add_argument("--errors", action="store_true", help="list the misclassified images")
+    p.add_argument("--suite", action="store_true", help="run every row of the published table (ignores "
+                   "--sampler, --steps, --scale) and print it")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     print("command: python " + " ".join(sys.argv))
     print("machine: " + machine())
     model = load_model(args.config, args.ckpt, "cpu")
+    if args.suite:
+        print("\n| sampler | steps | scale | images | colour | shape | background | s / image |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for sampler, steps, scale in SUITE:
+            r = evaluate(model, sampler, steps, scale, args.n, args.seed, args.batch)
+            print(row(r), flush=True)
+        return
     r = evaluate(model, args.sampler, args.steps, args.scale, args.n, args.seed, args.batch)
     print(f"{r.n} images, {r.sampler} {r.steps} steps, scale {r.scale:g}")
     print(f"colour accuracy     {100 * r.colour_accuracy:5.1f} %")
     print(f"shape accuracy      {100 * r.shape_accuracy:5.1f} %")
     print(f"background accuracy {100 * r.background_accuracy:5.1f} %")
     print(f"seconds per image   {r.seconds_per_image:.3f} (batch {args.batch})")
-    print(f"| {r.sampler} | {r.steps} | {r.scale:g} | {r.n} | {100 * r.colour_accuracy:.1f} % "
-          f"| {100 * r.shape_accuracy:.1f} % | {100 * r.background_accuracy:.1f} % | {r.seconds_per_image:.3f} |")
+    print(row(r))
     if args.errors:
         for k, (prompt, want, got) in enumerate(r.records):
             if want[:2] != got[:2]:

@@ -1,5 +1,7 @@
 """The bundled demo model: its procedural dataset, the pixel classifier, and its end-to-end quality."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +81,38 @@ def test_start_noise_is_per_image():
     x = start_noise(5, seed=3)
     assert torch.equal(x[4], torch.randn([4, 8, 8], generator=torch.Generator("cpu").manual_seed(7)))
     assert torch.equal(start_noise(2, seed=6)[1], x[4])
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _train(tmp_path, name, *extra):
+    out = tmp_path / name
+    args = [sys.executable, str(ROOT / "scripts/train_demo.py"), "--images", "48", "--ae-steps", "3,2",
+            "--ae-batch", "4", "--steps", "4", "--batch", "8", "--no-update-config", "--out", str(out), *extra]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, proc.stdout
+
+
+def test_training_is_seeded_and_stage_2_resumes_from_stage_1(tmp_path):
+    a, log = _train(tmp_path, "a.safetensors")
+    b, _ = _train(tmp_path, "b.safetensors")
+    assert "autoencoder cycle 2: 2 steps" in log and "diffusion: 4 steps" in log
+    assert a.read_bytes() == b.read_bytes()  # same seed, same weights, bit for bit
+    # Stage 2 alone, from the autoencoder of a: the same file again.
+    c, log = _train(tmp_path, "c.safetensors", "--autoencoder", a)
+    assert "autoencoder: from" in log and a.read_bytes() == c.read_bytes()
+    # Another seed, other weights; and stage 2 does train the UNet and the text encoder.
+    d, _ = _train(tmp_path, "d.safetensors", "--seed", "1")
+    e, _ = _train(tmp_path, "e.safetensors", "--steps", "0")
+    sa, sd_, se = read_state_dict(a), read_state_dict(d), read_state_dict(e)
+    key = "model.diffusion_model.out.2.weight"
+    assert not torch.equal(sa[key], sd_[key]) and not torch.equal(sa[key], se[key])
+    text = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
+    assert not torch.equal(sa[text], se[text])
+    vae = "first_stage_model.decoder.conv_out.weight"
+    assert torch.equal(sa[vae], se[vae])
 
 
 # ----------------------------------------------------------------------------- the committed model
