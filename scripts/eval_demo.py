@@ -45,7 +45,8 @@ def machine():
 
 def row(r):
     return (f"| {r.sampler} | {r.steps} | {r.scale:g} | {r.n} | {100 * r.colour_accuracy:.1f} % "
-            f"| {100 * r.shape_accuracy:.1f} % | {100 * r.background_accuracy:.1f} % | {r.seconds_per_image:.3f} |")
+            f"| {100 * r.shape_accuracy:.1f} % | {100 * r.background_accuracy:.1f} % | {100 * r.prompt_accuracy:.1f} % "
+            f"| {r.seconds_per_image:.3f} |")
 
 
 def main(argv=None):
@@ -70,8 +71,8 @@ def main(argv=None):
     print("machine: " + machine())
     model = load_model(args.config, args.ckpt, "cpu")
     if args.suite:
-        print("\n| sampler | steps | scale | images | colour | shape | background | s / image |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("\n| sampler | steps | scale | images | colour | shape | background | all three | s / image |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for sampler, steps, scale in SUITE:
             r = evaluate(model, sampler, steps, scale, args.n, args.seed, args.batch)
             print(row(r), flush=True)
@@ -81,6 +82,7 @@ def main(argv=None):
     print(f"colour accuracy     {100 * r.colour_accuracy:5.1f} %")
     print(f"shape accuracy      {100 * r.shape_accuracy:5.1f} %")
     print(f"background accuracy {100 * r.background_accuracy:5.1f} %")
+    print(f"all three right     {100 * r.prompt_accuracy:5.1f} %")
     print(f"seconds per image   {r.seconds_per_image:.3f} (batch {args.batch})")
     print(row(r))
     if args.errors:

@@ -3,14 +3,17 @@
 
     python scripts/train_demo.py            # both stages, on one CPU thread
 
-Stage 1 fits the KL autoencoder (two cosine cycles), stage 2 the UNet and the small CLIP text
-encoder on the autoencoder's latents. Seeded: the same seed and thread count reproduce the
-weights on the same machine. One thread is the default: on a small machine shared with other
-jobs, two threads spend much of their time waiting on each other.
+Stage 1 fits the KL autoencoder (two cosine cycles, about 21 minutes on one core of the 2-core
+development machine), stage 2 the UNet and the small CLIP text encoder on the autoencoder's
+latents (7,000 steps of 64, about 30 minutes), keeping an exponential moving average of their
+weights. Seeded: the same seed and thread count reproduce the weights bit for bit on the same
+machine. One thread is the default: on a small machine shared with other jobs, two threads
+spend much of their time waiting on each other.
 
 The output holds the full model in the original checkpoint layout, weights in float16, plus
 `scale_factor`; the config's `scale_factor` line is rewritten to the measured value.
-`--autoencoder FILE` takes stage 1 from an earlier output and trains stage 2 only;
+`--autoencoder FILE` takes stage 1 from an earlier output and trains stage 2 only (the result is
+the full run's, bit for bit: tests/test_demo.py checks it);
 `--autoencoder FILE --ae-skip 1` resumes stage 1 after its first cycle.
 """
 
@@ -66,7 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=7000, help="diffusion training steps (0: stage 1 only)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--p-uncond", type=float, default=0.1, help="caption dropout for classifier-free guidance")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the diffusion weights (0: keep the last weights)")
+    p.add_argument("--snr-gamma", type=float, default=20, help="Min-SNR loss weighting with this gamma (0: plain loss)")
+    p.add_argument("--p-uncond", type=float, default=0.2, help="caption dropout for classifier-free guidance")
     p.add_argument("--autoencoder", help="take the autoencoder from this checkpoint and skip stage 1 (or, with "
                    "--ae-skip, its first cycles)")
     p.add_argument("--ae-skip", type=int, help="with --autoencoder: the file holds this many stage-1 cycles; run the rest")
@@ -145,19 +150,20 @@ def main(argv=None):
     if args.steps:
         t = time.time()
         def snapshot(step, ema):
+            swap = ema.swap if ema is not None else (lambda: None)
             if args.snapshot_every and step % args.snapshot_every == 0:
-                ema.swap()
+                swap()
                 save_model(model, args.snapshot)
-                ema.swap()
+                swap()
             if args.eval_every and step % args.eval_every == 0:
-                ema.swap()
+                swap()
                 r = evaluate(model, "dpm_solver", 20, 7.5, n=48)
-                ema.swap()
+                swap()
                 print(f"\nstep {step}: dpm_solver 20, 48 held-out prompts: colour {r.colour_accuracy:.3f}, "
                       f"shape {r.shape_accuracy:.3f}, background {r.background_accuracy:.3f}", flush=True)
 
         loss = train.train_diffusion(model, mean, std, scenes, args.steps, args.batch, args.lr, args.p_uncond,
-                                     seed=args.seed, callback=snapshot)
+                                     seed=args.seed, ema_decay=args.ema, snr_gamma=args.snr_gamma, callback=snapshot)
         print(f"diffusion: {args.steps} steps, loss {loss:.4f} ({time.time() - t:.0f} s)")
 
     save_model(model, args.out)

@@ -26,6 +26,7 @@ class Result:
     colour_accuracy: float
     shape_accuracy: float
     background_accuracy: float
+    prompt_accuracy: float  # colour, shape and background all right: the image shows the whole prompt
     seconds_per_image: float
     records: list = field(repr=False, default_factory=list)  # (prompt, expected, predicted) per image
     images: np.ndarray = field(repr=False, default=None)  # uint8 [n, 64, 64, 3]
@@ -60,13 +61,14 @@ def evaluate(model, sampler="dpm_solver", steps=20, scale=7.5, n=96, seed=0, bat
     start = time.perf_counter()
     images = generate(model, prompts, sampler, steps, scale, seed, batch_size)
     seconds = (time.perf_counter() - start) / n
-    records, hits = [], np.zeros(3)
+    records, hits = [], np.zeros(4)
     for (prompt, (colour, shape, background)), image in zip(pairs, images):
         got = shapes.classify(image)
         records.append((prompt, (shape, colour, background), got))
-        hits += [got[1] == colour, got[0] == shape, got[2] == background]
+        hit = [got[1] == colour, got[0] == shape, got[2] == background]
+        hits += hit + [all(hit)]
     acc = hits / n
-    return Result(sampler, steps, scale, n, acc[0], acc[1], acc[2], seconds, records, images)
+    return Result(sampler, steps, scale, n, acc[0], acc[1], acc[2], acc[3], seconds, records, images)
 
 
 def grid(images, columns=12):

@@ -139,13 +139,16 @@ def latent_scale(mean, std, seed=0):
 
 
 def train_diffusion(model, latent_mean, latent_std, scenes, steps, batch_size=128, lr=1e-3, p_uncond=0.1, seed=0,
-                    ema_decay=0.999, progress=True, callback=None):
+                    ema_decay=0.999, snr_gamma=None, progress=True, callback=None):
     """Train model.model (UNet) and model.cond_stage_model on the precomputed latent posteriors.
 
     Each step draws a batch of images, a posterior sample of each latent (scaled by
     model.scale_factor), a fresh caption of each scene (caption forms vary between epochs), a
     timestep and noise. The weights kept are an exponential moving average of the trained ones
-    (`ema_decay`; 0 keeps the last weights). `callback(step, ema)` runs after every step, with
+    (`ema_decay`; 0 keeps the last weights). `snr_gamma` weighs each sample's loss by
+    min(SNR_t, gamma) / SNR_t (Min-SNR weighting, Hang et al. 2023, with eps-prediction), which
+    moves the effort from the nearly clean timesteps to the noisy ones where the image's
+    layout is decided. `callback(step, ema)` runs after every step, with
     the live weights in the model. Returns the final smoothed loss.
     """
     g = torch.Generator().manual_seed(seed)
@@ -168,7 +171,12 @@ def train_diffusion(model, latent_mean, latent_std, scenes, steps, batch_size=12
         a = ac[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         pred = model.apply_model(zt, t, model.get_learned_conditioning(captions))
-        loss = F.mse_loss(pred, eps)
+        if snr_gamma:
+            snr = (a / (1 - a)).flatten()
+            weight = snr.clamp(max=snr_gamma) / snr
+            loss = (weight * (pred - eps).square().mean(dim=(1, 2, 3))).mean()
+        else:
+            loss = F.mse_loss(pred, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
