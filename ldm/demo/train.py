@@ -73,7 +73,7 @@ class EMA:
 
 
 def train_autoencoder(vae, images, steps, batch_size=32, lr=2e-3, kl_weight=1e-6, seed=0, init_logvar=-8.0,
-                      fg_weight=0.0, progress=True, callback=None):
+                      fg_weight=0.0, progress=True):
     """Fit the autoencoder to uint8 images [N, 64, 64, 3]. Returns the last losses (rec, kl).
 
     The posterior's log-variance starts at `init_logvar` (the bias of its half of quant_conv;
@@ -81,7 +81,7 @@ def train_autoencoder(vae, images, steps, batch_size=32, lr=2e-3, kl_weight=1e-6
     the latents drowns what the young encoder transmits, and a tiny KL weight takes thousands of
     steps to undo it. `fg_weight` > 0 weighs the pixels that differ from the image's corner
     (the shape) 1 + fg_weight times: the background is most of every image, the shape's
-    colour is what the demo must keep. `callback(step)` runs after every step. (bfloat16
+    colour is what the demo must keep. (bfloat16
     autocast does not pay here: on these flat-coloured images its backward pass is slower than
     float32's on a Zen CPU with AVX512-BF16.)
     """
@@ -112,10 +112,6 @@ def train_autoencoder(vae, images, steps, batch_size=32, lr=2e-3, kl_weight=1e-6
         cur = np.array([rec_loss.item() / x[0].numel(), kl.item()])
         avg = cur if avg is None else 0.98 * avg + 0.02 * cur
         bar.set_postfix(rec=f"{avg[0]:.4f}", kl=f"{avg[1]:.0f}", refresh=False)
-        if callback is not None:
-            vae.eval()
-            callback(step + 1)
-            vae.train()
     vae.eval()
     return tuple(avg)
 
