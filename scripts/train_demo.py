@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm.checkpoint import build_model, read_state_dict  # noqa: E402
 from ldm.demo import shapes, train  # noqa: E402
-from ldm.demo.evaluate import evaluate  # noqa: E402
+from ldm.demo.evaluate import evaluate, score  # noqa: E402
 from ldm.models.diffusion import SCHEDULE_BUFFERS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,9 +50,7 @@ def autoencoder_accuracy(vae, n=300, seed=123):
     images: the ceiling the autoencoder puts on the whole model."""
     images, _, scenes = shapes.make_dataset(n, seed=seed, held_out=True)
     rec = shapes.to_uint8(vae.decode(vae.encode(shapes.to_tensor(images)).mode()))
-    got = [shapes.classify(r) for r in rec]
-    colour = sum(g[1] == s.colour for g, s in zip(got, scenes)) / n
-    shape = sum(g[0] == s.shape for g, s in zip(got, scenes)) / n
+    (colour, shape, _, _), _ = score(rec, [(s.colour, s.shape, s.background) for s in scenes])
     return colour, shape
 
 
@@ -163,7 +161,8 @@ def main(argv=None):
                       f"shape {r.shape_accuracy:.3f}, background {r.background_accuracy:.3f}", flush=True)
 
         loss = train.train_diffusion(model, mean, std, scenes, args.steps, args.batch, args.lr, args.p_uncond,
-                                     seed=args.seed, ema_decay=args.ema, snr_gamma=args.snr_gamma, callback=snapshot)
+                                     seed=args.seed, ema_decay=args.ema, snr_gamma=args.snr_gamma,
+                                     callback=snapshot if args.snapshot_every or args.eval_every else None)
         print(f"diffusion: {args.steps} steps, loss {loss:.4f} ({time.time() - t:.0f} s)")
 
     save_model(model, args.out)

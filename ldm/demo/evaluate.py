@@ -61,14 +61,20 @@ def evaluate(model, sampler="dpm_solver", steps=20, scale=7.5, n=96, seed=0, bat
     start = time.perf_counter()
     images = generate(model, prompts, sampler, steps, scale, seed, batch_size)
     seconds = (time.perf_counter() - start) / n
-    records, hits = [], np.zeros(4)
-    for (prompt, (colour, shape, background)), image in zip(pairs, images):
-        got = shapes.classify(image)
-        records.append((prompt, (shape, colour, background), got))
-        hit = [got[1] == colour, got[0] == shape, got[2] == background]
-        hits += hit + [all(hit)]
-    acc = hits / n
-    return Result(sampler, steps, scale, n, acc[0], acc[1], acc[2], acc[3], seconds, records, images)
+    acc, got = score(images, [triple for _, triple in pairs])
+    records = [(prompt, (shape, colour, background), g) for (prompt, (colour, shape, background)), g in zip(pairs, got)]
+    return Result(sampler, steps, scale, len(images), *acc, seconds, records, images)
+
+
+def score(images, expected):
+    """Classify uint8 images [n, H, W, 3] against their (colour, shape, background) triples.
+
+    Returns the accuracies (colour, shape, background, all three) and each image's
+    (shape, colour, background) as read back.
+    """
+    got = [shapes.classify(image) for image in images]
+    hits = np.array([[g[1] == c, g[0] == s, g[2] == b] for g, (c, s, b) in zip(got, expected)], dtype=bool)
+    return (*hits.mean(axis=0).tolist(), hits.all(axis=1).mean().item()), got
 
 
 def grid(images, columns=12):
