@@ -105,3 +105,54 @@ def test_attention_matches_softmax_formula(keys, monkeypatch):
     ref = torch.softmax(qd @ kd.transpose(-1, -2) / 40**0.5, dim=-1) @ vd
     assert out.shape == (2, 3, 200, 40)
     assert rel_err(out, ref) < 1e-5
+
+
+def test_linear_and_conv_add_the_residual_in_their_epilogue():
+    g = torch.Generator().manual_seed(6)
+    lin = layers.Linear(48, 40).eval()
+    x, r = torch.randn(2, 9, 48, generator=g), torch.randn(2, 9, 40, generator=g)
+    conv = _conv(24, 32)
+    xc, rc = torch.randn(2, 24, 7, 7, generator=g), torch.randn(2, 32, 7, 7, generator=g)
+    wide = _conv(256, 256)
+    xw, rw = torch.randn(1, 256, 16, 16, generator=g), torch.randn(1, 256, 16, 16, generator=g)
+    with torch.no_grad():
+        assert rel_err(lin(x, r), F.linear(x.double(), lin.weight.double(), lin.bias.double()) + r) < 5e-6
+        assert rel_err(lin(x, r.transpose(0, 1).contiguous().transpose(0, 1)), lin(x) + r) < 5e-6  # strided
+        assert rel_err(conv(xc, rc), _reference(conv, xc) + rc) < 5e-6
+        assert rel_err(wide(xw, rw), _reference(wide, xw) + rw) < 5e-5  # the Winograd path
+
+
+def test_cross_attention_reuses_keys_and_values_only_while_nothing_changed():
+    from ldm.models.unet import CrossAttention
+
+    torch.manual_seed(7)
+    attn = CrossAttention(64, context_dim=32, heads=2, dim_head=16).eval()
+    fresh = CrossAttention(64, context_dim=32, heads=2, dim_head=16).eval()
+    calls = []
+    attn.to_k.register_forward_hook(lambda *a: calls.append(1))
+    g = torch.Generator().manual_seed(8)
+    x, ctx = torch.randn(2, 10, 64, generator=g), torch.randn(2, 5, 32, generator=g)
+
+    def check():
+        fresh.load_state_dict(attn.state_dict())
+        fresh._kv = None
+        assert torch.equal(attn(x, ctx), fresh(x, ctx))
+
+    with torch.no_grad():
+        attn(x, ctx)
+        attn(x, ctx)
+        assert len(calls) == 1  # the same context: keys and values kept
+        ctx.mul_(2)  # the context changed in place
+        check()
+        attn.to_v.weight.add_(0.1)  # a weight changed in place
+        check()
+        assert len(calls) == 3
+        attn(x, ctx.clone())  # another tensor, even with the same values
+        assert len(calls) == 4
+    attn(x, ctx)  # with autograd on: computed afresh, nothing kept
+    assert attn._kv is None and len(calls) == 5
+    with torch.inference_mode():
+        c = ctx.clone()
+        attn(x, c)
+        attn(x, c)
+    assert len(calls) == 7  # an inference tensor has no version counter: never reused

@@ -108,11 +108,22 @@ def geglu(x, proj):
     return torch.ops.mkldnn._linear_pointwise.binary(x, gate, w_a, b_a, "mul")
 
 
+def _fusable(residual, y_shape, x):
+    """True when `residual` can be added in the epilogue of the product (same shape and dtype, dense)."""
+    return tuple(residual.shape) == tuple(y_shape) and residual.dtype == x.dtype and residual.is_contiguous()
+
+
 class Linear(nn.Linear):
-    def forward(self, x):
+    """nn.Linear; `forward(x, residual)` returns linear(x) + residual, the sum done by oneDNN's epilogue."""
+
+    def forward(self, x, residual=None):
         if _fast(x, self.weight):
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+            if residual is not None and _fusable(residual, (*x.shape[:-1], self.out_features), x):
+                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return y if residual is None else y + residual
 
 
 # Winograd F(4x4, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016):
@@ -142,8 +153,8 @@ def winograd_weight(weight):
     return u.permute(2, 3, 0, 1).reshape(36, *weight.shape[:2]).to(weight.dtype).contiguous()
 
 
-def winograd_conv3x3(x, u, bias=None):
-    """conv2d(x, w, bias, padding=1) for x [N, C, H, W] and u = winograd_weight(w); [N, K, H, W].
+def winograd_conv3x3(x, u, bias=None, residual=None):
+    """conv2d(x, w, bias, padding=1) (+ residual) for x [N, C, H, W] and u = winograd_weight(w); [N, K, H, W].
 
     The map is cut into 4x4 output tiles (6x6 input tiles overlapping by 2); a band of tile rows at
     a time is gathered, transformed, multiplied by the weight in 36 products (one oneDNN matmul
@@ -170,11 +181,23 @@ def winograd_conv3x3(x, u, bias=None):
         y = y.permute(2, 5, 3, 0, 4, 1).reshape(N, K, 4 * r, 4 * tw)
         lo, hi = 4 * i, min(H, 4 * (i + r))
         y = y[:, :, :hi - lo, :W]
+        o = out[:, :, lo:hi]
         if b is None:
-            out[:, :, lo:hi].copy_(y)
+            o.copy_(y)
         else:
-            torch.add(y, b, out=out[:, :, lo:hi])
+            torch.add(y, b, out=o)
+        if residual is not None:
+            o.add_(residual[:, :, lo:hi])  # the band is still in cache
     return out
+
+
+def tensor_key(t):
+    """What identifies a tensor's current contents: address, in-place version (-1 for an inference tensor), shape."""
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor has no version counter
+        version = -1
+    return (t.data_ptr(), version, tuple(t.shape), t.dtype)
 
 
 class Conv2d(nn.Conv2d):
@@ -185,12 +208,7 @@ class Conv2d(nn.Conv2d):
     _wino = None  # (key of the weight it was made from, winograd_weight(weight))
 
     def _weight_key(self):
-        w = self.weight
-        try:
-            version = w._version
-        except RuntimeError:  # an inference tensor has no version counter (and cannot be changed in place)
-            version = -1
-        return (w.data_ptr(), version, tuple(w.shape))
+        return tensor_key(self.weight)
 
     def packed_weight(self, x):
         key = self._weight_key()
@@ -218,15 +236,26 @@ class Conv2d(nn.Conv2d):
             release_file_pages(self.weight)
         return self._wino[1]
 
-    def forward(self, x):
-        if self.winograd_ok(x):
-            return winograd_conv3x3(x, self.winograd_weight(), self.bias)
+    def forward(self, x, residual=None):
+        """conv(x), or conv(x) + residual with the sum done on the way out of the convolution."""
+        if self.winograd_ok(x) and (residual is None or residual.shape == (x.shape[0], self.out_channels, *x.shape[2:])):
+            return winograd_conv3x3(x, self.winograd_weight(), self.bias, residual)
         if (_fast(x, self.weight) and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and x.dim() == 4):
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, self.packed_weight(x), self.bias, list(self.padding), list(self.stride), list(self.dilation),
-                self.groups, "none", [], "")
-        return super().forward(x)
+            args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+            if residual is not None:
+                y_shape = (x.shape[0], self.out_channels, *self._output_size(x))
+                if _fusable(residual, y_shape, x):
+                    return torch.ops.mkldnn._convolution_pointwise.binary(
+                        x, residual, self.packed_weight(x), self.bias, *args, "add", None, None, [], None)
+            y = torch.ops.mkldnn._convolution_pointwise(x, self.packed_weight(x), self.bias, *args, "none", [], "")
+        else:
+            y = super().forward(x)
+        return y if residual is None else y + residual
+
+    def _output_size(self, x):
+        return [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                zip(x.shape[2:], self.padding, self.dilation, self.kernel_size, self.stride)]
 
     def _apply(self, fn, *args, **kwargs):
         self._packed = self._wino = None  # the weight is about to be replaced (.to(), .half(), ...)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2d, Linear, attention, geglu
+from .layers import Conv2d, Linear, attention, geglu, tensor_key
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -53,16 +53,40 @@ class CrossAttention(nn.Module):
         self.to_v = Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(Linear(inner, query_dim), nn.Identity())  # .1 was Dropout
 
-    def forward(self, x, context=None):
-        context = x if context is None else context
+    _kv = None  # cross-attention at inference: (context, keys of it and the weights, to_k(context), to_v(context))
+
+    def keys_values(self, context):
+        """to_k(context), to_v(context); for a cross-attention context (the text, the same tensor at every
+        sampling step) kept from the previous call while the context and both weights are unchanged."""
+        if torch.is_grad_enabled() or context.is_inference():  # no version counter: a change could go unseen
+            self._kv = None
+            return self.to_k(context), self.to_v(context)
+        key = (tensor_key(context), tensor_key(self.to_k.weight), tensor_key(self.to_v.weight))
+        if self._kv is None or self._kv[0] is not context or self._kv[1] != key:
+            self._kv = None
+            self._kv = (context, key, self.to_k(context), self.to_v(context))
+        return self._kv[2], self._kv[3]
+
+    def forward(self, x, context=None, residual=None):
         B, N, _ = x.shape
         h = self.heads
         q = self.to_q(x).view(B, N, h, -1).transpose(1, 2)  # (B, h, N, d)
-        k = self.to_k(context).view(B, context.shape[1], h, -1).transpose(1, 2)  # (B, h, M, d)
-        v = self.to_v(context).view(B, context.shape[1], h, -1).transpose(1, 2)  # (B, h, M, d)
+        k, v = (self.to_k(x), self.to_v(x)) if context is None else self.keys_values(context)
+        M = k.shape[1]
+        k = k.view(B, M, h, -1).transpose(1, 2)  # (B, h, M, d)
+        v = v.view(B, M, h, -1).transpose(1, 2)  # (B, h, M, d)
         out = attention(q, k, v)  # (B, h, N, d)
         out = out.transpose(1, 2).reshape(B, N, -1)  # (B, N, h*d)
-        return self.to_out(out)
+        return self.to_out[0](out, residual)  # (+ residual, summed by the matmul); to_out[1] is an identity
+
+    def _apply(self, fn, *args, **kwargs):
+        self._kv = None  # weights about to be replaced (.to(), .half(), ...)
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):  # copies and pickles leave the cache behind
+        state = self.__dict__.copy()
+        state.pop("_kv", None)
+        return state
 
 
 class GEGLU(nn.Module):
@@ -80,8 +104,8 @@ class FeedForward(nn.Module):
         inner = dim * mult
         self.net = nn.Sequential(GEGLU(dim, inner), nn.Identity(), Linear(inner, dim))  # .1 was Dropout
 
-    def forward(self, x):
-        return self.net(x)
+    def forward(self, x, residual=None):
+        return self.net[2](self.net[0](x), residual)  # net[1] is an identity
 
 
 class BasicTransformerBlock(nn.Module):
@@ -95,9 +119,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x, context=None):
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context=context)
-        return x + self.ff(self.norm3(x))
+        x = self.attn1(self.norm1(x), residual=x)  # x + attn1(norm1(x))
+        x = self.attn2(self.norm2(x), context=context, residual=x)
+        return self.ff(self.norm3(x), residual=x)
 
 
 class SpatialTransformer(nn.Module):
@@ -120,7 +144,7 @@ class SpatialTransformer(nn.Module):
         for block in self.transformer_blocks:
             h = block(h, context=context)
         h = h.transpose(1, 2).reshape(B, -1, H, W)  # (B, inner, H, W)
-        return self.proj_out(h) + x
+        return self.proj_out(h, residual=x)  # proj_out(h) + x
 
 
 # ----------------------------------------------------------------------------- conv blocks
@@ -160,7 +184,8 @@ class ResBlock(nn.Module):
     def forward(self, x, emb):
         h = self.in_layers(x)
         h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        out = self.out_layers
+        return out[3](out[2](out[1](out[0](h))), residual=self.skip_connection(x))  # skip(x) + out_layers(h)
 
 
 class TimestepEmbedSequential(nn.Sequential):
