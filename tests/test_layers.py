@@ -74,6 +74,7 @@ def test_when_winograd_is_used():
         assert _conv(256, 256).winograd_ok(x16)
         assert not _conv(256, 256).winograd_ok(x16[:, :, :8, :8])  # map too small
         assert not _conv(128, 256).winograd_ok(x16[:, :128])  # too narrow
+        assert not _conv(1280, 1280).winograd_ok(torch.randn(1, 1280, 16, 16))  # transformed weight too large
         assert not _conv(256, 256, cls=layers.DirectConv2d).winograd_ok(x16)
         strided = layers.Conv2d(256, 256, 3, stride=2, padding=1)
         assert not strided.winograd_ok(x16)

@@ -11,14 +11,14 @@ differ, and only for inference (no autograd graph needed) on the CPU in float32:
   deep levels (1280 channels at 4x4: 60 MB reordered for 1 GFLOP). We reorder once, on first
   use, and keep the packed copy beside the parameter (not in the state dict); it is rebuilt
   whenever the weight changes (another tensor, an in-place update, `.to()`).
-- 3x3 convolutions with at least 256 channels in and out on maps of at least 16x16 take Winograd's
-  F(4x4, 3x3) instead (`winograd_conv3x3`): 36 matrix products in the transformed domain do the
-  work of 144 per 4x4 output tile. In the v1 UNet that makes those layers 1.1 to 2x faster (a
-  guided step 7 % faster at 256x256, 9 % at 512x512). The transformed weight is 4x the size of
-  the plain one and replaces the packed copy (about 1 GB more for the v1 UNet);
-  `LDM_WINOGRAD=0` keeps the direct convolution and that memory. `DirectConv2d` never takes
-  it: the VAE decoder's single large maps (64x64 to 256x256) measured slower with it, its
-  transforms being bound by memory traffic there.
+- 3x3 convolutions with at least 256 channels in and out (and at most 1920 x 640) on maps of at
+  least 16x16 take Winograd's F(4x4, 3x3) instead (`winograd_conv3x3`): 36 matrix products in
+  the transformed domain do the work of 144 per 4x4 output tile. In the v1 UNet that is every
+  3x3 convolution of the 320- and 640-channel levels, 1.1 to 2x faster each. The transformed
+  weight is 4x the size of the plain one and replaces the packed copy: 0.9 GB more for the v1
+  UNet. The 1280-channel layers stay direct: they would add 3 GB. `LDM_WINOGRAD=0` keeps every
+  convolution direct. `DirectConv2d` never takes it: the VAE decoder's single large maps
+  (64x64 to 256x256) measured slower with it, its transforms bound by memory traffic there.
 
 Everything else (GPU, half precision, training, a torch built without oneDNN) takes the plain
 `nn` path. `ONEDNN = False` (or the environment variable `LDM_ONEDNN=0`) turns the fast path off,
@@ -134,6 +134,7 @@ _WINO_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
            (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
 _WINO_AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
 _WINO_MIN_CHANNELS = 256  # narrower layers: the transforms cost more than the products save
+_WINO_MAX_PRODUCT = 1920 * 640  # in x out channels: the 1280-wide layers would need 3 GB more in the v1 UNet
 _WINO_MIN_SIZE = 16  # smaller maps: too few tiles per product to read the 4x larger weight for
 _WINO_CHUNK_BYTES = 20 << 20  # transformed input processed a band of tile rows at a time
 
@@ -147,10 +148,13 @@ _WINO_B2, _WINO_A2 = _wino_matrices()
 
 
 def winograd_weight(weight):
-    """G g G^T for every 3x3 kernel of a [K, C, 3, 3] weight: [36, K, C], float32 (computed in float64)."""
+    """G g G^T for every 3x3 kernel g of a [K, C, 3, 3] weight: [36, K, C]."""
+    K, C = weight.shape[:2]
     g = torch.tensor(_WINO_G, dtype=torch.float64)
-    u = torch.matmul(torch.matmul(g, weight.double()), g.T)  # (K, C, 6, 6)
-    return u.permute(2, 3, 0, 1).reshape(36, *weight.shape[:2]).to(weight.dtype).contiguous()
+    g2 = torch.kron(g, g).to(weight.dtype)  # (36, 9): both sides of G g G^T at once
+    u = torch.empty(36, K, C, dtype=weight.dtype)
+    torch.mm(g2, weight.reshape(K * C, 9).T, out=u.view(36, K * C))  # one product, no temporary copies
+    return u
 
 
 def winograd_conv3x3(x, u, bias=None, residual=None):
@@ -226,6 +230,7 @@ class Conv2d(nn.Conv2d):
         return (WINOGRAD and self.winograd and self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
                 and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros"
                 and min(self.in_channels, self.out_channels) >= _WINO_MIN_CHANNELS
+                and self.in_channels * self.out_channels <= _WINO_MAX_PRODUCT
                 and x.dim() == 4 and min(x.shape[2:]) >= _WINO_MIN_SIZE and _fast(x, self.weight))
 
     def winograd_weight(self):
