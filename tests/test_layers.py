@@ -10,6 +10,11 @@ from ldm.models import layers
 pytestmark = pytest.mark.skipif(not layers._onednn_available(), reason="this torch has no oneDNN")
 
 
+@pytest.fixture(autouse=True)
+def winograd_on(monkeypatch):
+    monkeypatch.setattr(layers, "WINOGRAD", True)  # opt-in in use (LDM_WINOGRAD=1); always tested
+
+
 def _conv(c_in, c_out, seed=0, bias=True, cls=layers.Conv2d):
     torch.manual_seed(seed)
     conv = cls(c_in, c_out, 3, padding=1, bias=bias).eval()
@@ -80,6 +85,9 @@ def test_when_winograd_is_used():
         assert not strided.winograd_ok(x16)
         with layers.onednn(False):
             assert not _conv(256, 256).winograd_ok(x16)
+        layers.WINOGRAD = False  # the default
+        assert not _conv(256, 256).winograd_ok(x16)
+        layers.WINOGRAD = True
     assert not _conv(256, 256).winograd_ok(x16.requires_grad_())  # training: plain nn path
     assert not _conv(256, 256).double().winograd_ok(x16.detach().double())
 

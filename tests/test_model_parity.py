@@ -92,9 +92,11 @@ def test_parity_reduced_width():
 
 
 @pytest.mark.slow
-def test_parity_full_v1_architecture():
+@pytest.mark.parametrize("winograd", [False, True])
+def test_parity_full_v1_architecture(winograd, monkeypatch):
+    monkeypatch.setattr(layers, "WINOGRAD", winograd)  # LDM_WINOGRAD=1, opt-in
     config = model_config(V1_CONFIG)
-    ours = _check_parity({"model": config}, latent=16, batch=1)  # 16x16: the top level's convs take Winograd's path
+    ours = _check_parity({"model": config}, latent=16, batch=1)  # 16x16: the top level's convs can take Winograd's path
     top = ours.model.diffusion_model.input_blocks[1][0].in_layers[2]
-    assert top._wino is not None or not layers.ONEDNN
+    assert (top._wino is not None) == (winograd and layers.ONEDNN)
     assert sum(p.numel() for p in ours.parameters()) == 1_066_235_307

@@ -11,14 +11,16 @@ differ, and only for inference (no autograd graph needed) on the CPU in float32:
   deep levels (1280 channels at 4x4: 60 MB reordered for 1 GFLOP). We reorder once, on first
   use, and keep the packed copy beside the parameter (not in the state dict); it is rebuilt
   whenever the weight changes (another tensor, an in-place update, `.to()`).
-- 3x3 convolutions with at least 256 channels in and out (and at most 1920 x 640) on maps of at
-  least 16x16 take Winograd's F(4x4, 3x3) instead (`winograd_conv3x3`): 36 matrix products in
-  the transformed domain do the work of 144 per 4x4 output tile. In the v1 UNet that is every
-  3x3 convolution of the 320- and 640-channel levels, 1.1 to 2x faster each. The transformed
-  weight is 4x the size of the plain one and replaces the packed copy: 0.9 GB more for the v1
-  UNet. The 1280-channel layers stay direct: they would add 3 GB. `LDM_WINOGRAD=0` keeps every
-  convolution direct. `DirectConv2d` never takes it: the VAE decoder's single large maps
-  (64x64 to 256x256) measured slower with it, its transforms bound by memory traffic there.
+- With `LDM_WINOGRAD=1` (off by default), 3x3 convolutions with at least 256 channels in and out
+  (and at most 1920 x 640) on maps of at least 16x16 take Winograd's F(4x4, 3x3) instead
+  (`winograd_conv3x3`): 36 matrix products in the transformed domain do the work of 144 per 4x4
+  output tile. In the v1 UNet that is every 3x3 convolution of the 320- and 640-channel levels,
+  each 1.1 to 2x faster on its own; but the whole guided step gained only 0 to 5 % on this
+  2-core machine (within its noise at 256x256, 2 to 5 % at 512x512), while the transformed
+  weight, 4x the plain one, costs 0.9 GB more for the v1 UNet: hence opt-in. The 1280-channel
+  layers always stay direct (they would add 3 GB). `DirectConv2d` never takes it: the VAE
+  decoder's single large maps (64x64 to 256x256) measured slower with it, its transforms bound
+  by memory traffic there.
 
 Everything else (GPU, half precision, training, a torch built without oneDNN) takes the plain
 `nn` path. `ONEDNN = False` (or the environment variable `LDM_ONEDNN=0`) turns the fast path off,
@@ -46,7 +48,7 @@ def _onednn_available():
 
 
 ONEDNN = _onednn_available() and os.environ.get("LDM_ONEDNN", "1") != "0"
-WINOGRAD = os.environ.get("LDM_WINOGRAD", "1") != "0"  # only ever used on the oneDNN path
+WINOGRAD = os.environ.get("LDM_WINOGRAD", "0") == "1"  # opt-in (see above); only ever used on the oneDNN path
 
 
 @contextlib.contextmanager
