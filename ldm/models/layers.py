@@ -198,7 +198,7 @@ def winograd_conv3x3(x, u, bias=None, residual=None):
 
 
 def tensor_key(t):
-    """What identifies a tensor's current contents: address, in-place version (-1 for an inference tensor), shape."""
+    """What identifies a tensor's current contents: address, in-place version (-1 for an inference tensor), shape, dtype."""
     try:
         version = t._version
     except RuntimeError:  # an inference tensor has no version counter
