@@ -206,9 +206,29 @@ def tensor_key(t):
     return (t.data_ptr(), version, tuple(t.shape), t.dtype)
 
 
-class Conv2d(nn.Conv2d):
+class DerivedCache:
+    """Mixin for a module that keeps tensors derived from its weights outside the state dict (the
+    attributes named in `_derived`): `.to()`, `.half()` and the like drop them, copies and pickles
+    leave them behind; they are made again on next use."""
+
+    _derived = ()
+
+    def _apply(self, fn, *args, **kwargs):
+        for name in self._derived:  # the weights are about to be replaced
+            setattr(self, name, None)
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for name in self._derived:
+            state.pop(name, None)
+        return state
+
+
+class Conv2d(DerivedCache, nn.Conv2d):
     """nn.Conv2d whose weight is reordered into oneDNN's layout (or Winograd's domain) once, not on every call."""
 
+    _derived = ("_packed", "_wino")
     winograd = True  # may this layer take Winograd's path (when `winograd_ok`)
     _packed = None  # (key of the weight it was made from, packed weight)
     _wino = None  # (key of the weight it was made from, winograd_weight(weight))
@@ -245,16 +265,16 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x, residual=None):
         """conv(x), or conv(x) + residual with the sum done on the way out of the convolution."""
-        if self.winograd_ok(x) and (residual is None or residual.shape == (x.shape[0], self.out_channels, *x.shape[2:])):
+        fast = (_fast(x, self.weight) and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and x.dim() == 4)
+        fuse = fast and residual is not None and _fusable(residual, (x.shape[0], self.out_channels, *self._output_size(x)), x)
+        if self.winograd_ok(x) and (residual is None or fuse):
             return winograd_conv3x3(x, self.winograd_weight(), self.bias, residual)
-        if (_fast(x, self.weight) and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and x.dim() == 4):
+        if fast:
             args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
-            if residual is not None:
-                y_shape = (x.shape[0], self.out_channels, *self._output_size(x))
-                if _fusable(residual, y_shape, x):
-                    return torch.ops.mkldnn._convolution_pointwise.binary(
-                        x, residual, self.packed_weight(x), self.bias, *args, "add", None, None, [], None)
+            if fuse:
+                return torch.ops.mkldnn._convolution_pointwise.binary(
+                    x, residual, self.packed_weight(x), self.bias, *args, "add", None, None, [], None)
             y = torch.ops.mkldnn._convolution_pointwise(x, self.packed_weight(x), self.bias, *args, "none", [], "")
         else:
             y = super().forward(x)
@@ -263,16 +283,6 @@ class Conv2d(nn.Conv2d):
     def _output_size(self, x):
         return [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
                 zip(x.shape[2:], self.padding, self.dilation, self.kernel_size, self.stride)]
-
-    def _apply(self, fn, *args, **kwargs):
-        self._packed = self._wino = None  # the weight is about to be replaced (.to(), .half(), ...)
-        return super()._apply(fn, *args, **kwargs)
-
-    def __getstate__(self):  # copies and pickles leave the (opaque, re-creatable) packed weight behind
-        state = self.__dict__.copy()
-        state.pop("_packed", None)
-        state.pop("_wino", None)
-        return state
 
 
 class DirectConv2d(Conv2d):

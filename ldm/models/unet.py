@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2d, Linear, attention, geglu, tensor_key
+from .layers import Conv2d, DerivedCache, Linear, attention, geglu, tensor_key
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -40,7 +40,7 @@ def timestep_embedding(t, dim, max_period=10000):
 # ----------------------------------------------------------------------------- attention
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(DerivedCache, nn.Module):
     """Multi-head attention; self-attention when no context is given."""
 
     def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64):
@@ -53,6 +53,7 @@ class CrossAttention(nn.Module):
         self.to_v = Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(Linear(inner, query_dim), nn.Identity())  # .1 was Dropout
 
+    _derived = ("_kv",)
     _kv = None  # cross-attention at inference: (context, keys of it and the weights, to_k(context), to_v(context))
 
     def keys_values(self, context):
@@ -78,15 +79,6 @@ class CrossAttention(nn.Module):
         out = attention(q, k, v)  # (B, h, N, d)
         out = out.transpose(1, 2).reshape(B, N, -1)  # (B, N, h*d)
         return self.to_out[0](out, residual)  # (+ residual, summed by the matmul); to_out[1] is an identity
-
-    def _apply(self, fn, *args, **kwargs):
-        self._kv = None  # weights about to be replaced (.to(), .half(), ...)
-        return super()._apply(fn, *args, **kwargs)
-
-    def __getstate__(self):  # copies and pickles leave the cache behind
-        state = self.__dict__.copy()
-        state.pop("_kv", None)
-        return state
 
 
 class GEGLU(nn.Module):
