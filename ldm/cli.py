@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", type=str, choices=["full", "autocast", "half"], default="autocast",
                    help="autocast: fp16 compute on CUDA, no-op elsewhere; half: fp16 weights on a GPU "
                         "(full precision on the CPU); full: float32 (default %(default)s)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet: fused kernels, after a compile of tens of seconds at the first image")
+    g.add_argument("--cuda_graphs", action="store_true",
+                   help="on CUDA, replay each UNet step from a CUDA graph instead of launching its kernels one by one")
     g.add_argument("--laion400m", action="store_true", help="the original's LAION-400M model: not supported")
 
     g = p.add_argument_group("output")
@@ -367,7 +371,8 @@ def _run(args, given) -> int:
 
     t0 = time.perf_counter()
     pipe = Txt2Img.from_files(config, ckpt, device=device, precision=args.precision, use_ema=args.use_ema,
-                              safety_checker=checker, nsfw=args.nsfw)
+                              safety_checker=checker, nsfw=args.nsfw, cuda_graphs=args.cuda_graphs,
+                              compile=args.compile)
     opts.validate(pipe.model)
     if checker_note:
         notice(checker_note)

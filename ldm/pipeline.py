@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from . import images as imagelib
+from .accel import CUDAGraphs, compile_unet
 from .checkpoint import CheckpointError, load_model
 from .config import load_config
 from .defaults import DEFAULT_CKPT, DEFAULT_CONFIG, DEFAULT_PROMPT
@@ -281,6 +282,10 @@ class Result:
 class Txt2Img:
     """A loaded model on a device with a precision; call it (or `generate_batch`) to make images.
 
+    `cuda_graphs=True` replays the UNet from CUDA graphs on CUDA (`ldm.accel.CUDAGraphs`, one
+    capture per input shape); `compile=True` puts it through torch.compile. Both are opt-in until a
+    GPU benchmark shows they pay (see bench/README.md).
+
     `safety_checker` (an `ldm.safety.SafetyChecker`, or None for none) checks every image; a
     flagged one is replaced as `nsfw` says ("black" or "blur") and marked in its Result. The
     command line always loads one unless told not to; a Python caller passes it explicitly.
@@ -288,7 +293,7 @@ class Txt2Img:
     """
 
     def __init__(self, model, device="cpu", precision="autocast", model_name="model", model_hash=None,
-                 safety_checker=None, nsfw="black"):
+                 safety_checker=None, nsfw="black", cuda_graphs=False, compile=False):
         self.device = torch.device(device)
         self.dtype, self.autocast, notice = resolve_precision(self.device, precision)
         if notice:
@@ -297,6 +302,10 @@ class Txt2Img:
             for part in (model.model, model.first_stage_model, model.cond_stage_model):
                 part.to(self.dtype)
         self.model = model.to(self.device)
+        if compile:
+            compile_unet(self.model.model.diffusion_model)
+        # The denoiser as the samplers call it (replayed from CUDA graphs when asked; a no-op off CUDA).
+        self.unet = CUDAGraphs(self.model.apply_model) if cuda_graphs else self.model.apply_model
         self.model_name = model_name
         self.model_hash = model_hash
         self.safety_checker = safety_checker
@@ -361,7 +370,7 @@ class Txt2Img:
     # --- sampling
 
     def _eps_model(self, x, t, context):
-        return self.model.apply_model(x.to(self.dtype), t, context.to(self.dtype)).float()
+        return self.unet(x.to(self.dtype), t, context.to(self.dtype)).float()
 
     def sampler_runs(self, items: list[WorkItem], opts: Options) -> list[list[int]]:
         """How `generate_batch` splits a batch: positions sampled together. One image at a time
@@ -422,8 +431,23 @@ class Txt2Img:
 
     def decode(self, z: torch.Tensor):
         """Latents [B, C, h, w] -> PIL images (decoded together)."""
-        x = self.model.decode_first_stage(z.to(self.dtype)).float()
-        return imagelib.to_pil((x + 1.0) / 2.0)
+        x = self.model.decode_first_stage(z.to(self.dtype))
+        if (self.dtype != torch.float32 or self.autocast) and not bool(torch.isfinite(x).all()):
+            log.warning("the autoencoder overflowed in half precision: decoding again in float32")
+            x = self._decode_float32(z)
+        return imagelib.to_pil((x.float() + 1.0) / 2.0)
+
+    def _decode_float32(self, z):
+        """The decode in float32, autocast off: the autoencoder's weights upcast for the call and cast back
+        after (float16 -> float32 -> float16 is exact)."""
+        vae = self.model.first_stage_model
+        dtype = next(vae.parameters()).dtype
+        vae.float()
+        try:
+            with torch.autocast(self.device.type, enabled=False):
+                return self.model.decode_first_stage(z.float())
+        finally:
+            vae.to(dtype)
 
     def _strip(self, steps):
         x_t = [self.decode(s[0][None].to(self.device))[0] for s in steps]

@@ -205,6 +205,14 @@ def test_same_flags_same_seed_give_byte_identical_pngs(first_run, tmp_path):
         assert (tmp_path / name).read_bytes() == (first_run.outdir / name).read_bytes(), name
 
 
+def test_cuda_graphs_flag_changes_nothing_off_cuda(first_run, tmp_path):
+    args = list(first_run.args) + ["--cuda_graphs"]
+    args[args.index("--outdir") + 1] = str(tmp_path)
+    run_ok(args)
+    for name in ["grid-0000.png"] + [f"samples/{k:05d}.png" for k in range(4)]:
+        assert (tmp_path / name).read_bytes() == (first_run.outdir / name).read_bytes(), name
+
+
 def test_from_png_reruns_an_image(first_run, tiny, tmp_path):
     source = first_run.outdir / "samples" / "00002.png"
     run_ok(["--config", tiny.config, "--ckpt", tiny.ckpt, "--outdir", tmp_path, "--no_safety_checker",

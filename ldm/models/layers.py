@@ -62,10 +62,16 @@ def onednn(enabled):
         ONEDNN = before
 
 
+def _compiling():
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return compiling is not None and compiling()
+
+
 def _fast(x, weight):
-    """True when this call can take the oneDNN path: CPU, float32, and no gradient to record."""
+    """True when this call can take the oneDNN path: CPU, float32, no gradient to record, and not
+    being traced by torch.compile (which lowers plain ops to its own kernels)."""
     return (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and not _compiling())
 
 
 _ATTN_MIN_KEYS = 256  # below this SDPA's fused kernel is as fast
@@ -204,6 +210,12 @@ def tensor_key(t):
     except RuntimeError:  # an inference tensor has no version counter
         version = -1
     return (t.data_ptr(), version, tuple(t.shape), t.dtype)
+
+
+def recording(t) -> bool:
+    """True while torch.compile traces or a CUDA graph captures work on t's device: what Python code
+    decides then is frozen into what gets replayed, so caches keyed on tensor contents must step aside."""
+    return _compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 class DerivedCache:

@@ -12,13 +12,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2d, DerivedCache, Linear, attention, geglu, tensor_key
+from .layers import Conv2d, DerivedCache, Linear, attention, geglu, recording, tensor_key
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32, whatever the activation dtype (as the original)."""
+    """GroupNorm computed in float32, whatever the activation dtype (as the original).
+
+    With `upcast = False`, a float16 or bfloat16 activation on CUDA with weights of its own dtype and
+    no autocast goes to `group_norm` as it is: the CUDA kernel keeps its statistics and arithmetic
+    in float32 and rounds once on the way out, like the upcast, without the two extra passes.
+    """
+
+    upcast = True
 
     def forward(self, x):
+        if not self.upcast and x.is_cuda and x.dtype == self.weight.dtype and not torch.is_autocast_enabled():
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
@@ -59,7 +68,8 @@ class CrossAttention(DerivedCache, nn.Module):
     def keys_values(self, context):
         """to_k(context), to_v(context); for a cross-attention context (the text, the same tensor at every
         sampling step) kept from the previous call while the context and both weights are unchanged."""
-        if torch.is_grad_enabled() or context.is_inference():  # no version counter: a change could go unseen
+        # No version counter (inference tensors), or a graph being recorded: a change could go unseen.
+        if torch.is_grad_enabled() or context.is_inference() or recording(context):
             self._kv = None
             return self.to_k(context), self.to_v(context)
         key = (tensor_key(context), tensor_key(self.to_k.weight), tensor_key(self.to_v.weight))
