@@ -222,11 +222,65 @@ def diffusers_image_fn(unet, vae, text, args):
     return image
 
 
-def compile_unet(unet):
-    """torch.compile the UNet's forward in place (module tree and keys unchanged); CUDA graphs on a GPU."""
+def compile_diffusers(unet):
+    """torch.compile diffusers' UNet as its docs advise for speed: "reduce-overhead" (CUDA graphs) on a GPU."""
     mode = "reduce-overhead" if next(unet.parameters()).is_cuda else "default"
     unet.forward = torch.compile(unet.forward, mode=mode, fullgraph=False)
     return unet
+
+
+def ours_unet_fn(model, cuda_graphs):
+    """Our UNet call as the pipeline makes it with `cuda_graphs` (replayed from CUDA graphs on a GPU)."""
+    from ldm.accel import CUDAGraphs
+
+    return CUDAGraphs(model.apply_model) if cuda_graphs else model.apply_model
+
+
+def other_graphs(args):
+    """The name of the variant of ours that differs from `args.cuda_graphs`."""
+    return "ours, no CUDA graphs" if args.cuda_graphs else "ours, CUDA graphs"
+
+
+def gpu_levers(model, x, t, c):
+    """GPU levers, each a variant of our CUDA-graphed step in a graph of its own: GroupNorm in float16
+    without the float32 round trip, channels_last activations (a copy of the UNet), cuDNN's benchmark
+    mode while capturing (it picks the convolution algorithms the graph keeps), and all three.
+    Returns ({name: step fn}, {name: max |variant - ours| / max |ours|})."""
+    import copy
+
+    from ldm.accel import CUDAGraphs
+    from ldm.models.unet import GroupNorm32
+
+    unet_cl = copy.deepcopy(model.model.diffusion_model).to(memory_format=torch.channels_last)
+
+    def no_upcast(fn):
+        def run(*a):  # the flag is read while the graph is captured, not when it is replayed
+            GroupNorm32.upcast = False
+            try:
+                return fn(*a)
+            finally:
+                GroupNorm32.upcast = True
+        return run
+
+    def benchmarked(fn):
+        def run(*a):
+            before, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True
+            try:
+                return fn(*a)
+            finally:
+                torch.backends.cudnn.benchmark = before
+        return run
+
+    def channels_last(x, t, c):
+        return unet_cl(x.contiguous(memory_format=torch.channels_last), t, c)
+
+    variants = {"ours, GroupNorm in float16": CUDAGraphs(no_upcast(model.apply_model)),
+                "ours, channels_last": CUDAGraphs(channels_last),
+                "ours, cudnn.benchmark": CUDAGraphs(benchmarked(model.apply_model)),
+                "ours, all three": CUDAGraphs(benchmarked(no_upcast(channels_last)))}
+    ref = model.apply_model(x, t, c).double()
+    errs = {name: ((fn(x, t, c).double() - ref).abs().max() / ref.abs().max()).item() for name, fn in variants.items()}
+    return {name: (lambda fn=fn: fn(x, t, c)) for name, fn in variants.items()}, errs
 
 
 # ----------------------------------------------------------------------------- subprocess: load, sampling, memory
@@ -245,11 +299,10 @@ def child(args):
         out["import_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         precision = "full" if dtype == torch.float32 else "half"
-        pipe = Txt2Img.from_files(args.config, args.ckpt, device=str(device), precision=precision, hash_model=False)
+        pipe = Txt2Img.from_files(args.config, args.ckpt, device=str(device), precision=precision, hash_model=False,
+                                  compile=args.compile, cuda_graphs=args.cuda_graphs)
         sync(device)
         out["load_s"] = time.perf_counter() - t0
-        if args.compile:
-            compile_unet(pipe.model.model.diffusion_model)
         image = ours_image_fn(pipe, args)
     else:
         import diffusers  # noqa: F401
@@ -261,12 +314,13 @@ def child(args):
         sync(device)
         out["load_s"] = time.perf_counter() - t0
         if args.compile:
-            compile_unet(unet)
+            compile_diffusers(unet)
         image = diffusers_image_fn(unet, vae, text, args)
 
     out["rss_ready"] = peak_rss()
     if cuda:
         out["gpu_ready"] = torch.cuda.max_memory_allocated()
+        out["gpu_reserved_ready"] = torch.cuda.max_memory_reserved()
         torch.cuda.reset_peak_memory_stats()
     out["image_s"] = []
     for i in range(args.images):
@@ -274,6 +328,7 @@ def child(args):
     out["rss_peak"] = peak_rss()
     if cuda:
         out["gpu_peak"] = max(out["gpu_ready"], torch.cuda.max_memory_allocated())
+        out["gpu_reserved_peak"] = max(out["gpu_reserved_ready"], torch.cuda.max_memory_reserved())
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -314,6 +369,8 @@ def run_child(args, side, log):
            "--e2e-size", str(args.e2e_size), "--e2e-steps", str(args.e2e_steps), "--images", str(args.images)]
     if args.compile:
         cmd.append("--compile")
+    if args.cuda_graphs:
+        cmd.append("--cuda-graphs")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -369,9 +426,12 @@ def run(args, log):
     model = load_model(args.config, args.ckpt, device, dtype)
     unet_d, vae_d = (None, None) if args.skip_diffusers else diffusers_sharing(model, args.config)
     if args.compile:
+        from ldm.accel import compile_unet
+
         compile_unet(model.model.diffusion_model)
         if unet_d is not None:
-            compile_unet(unet_d)
+            compile_diffusers(unet_d)
+    ours_fn = ours_unet_fn(model, args.cuda_graphs)
     g = torch.Generator().manual_seed(0)
     res["step_s"], res["decode_s"] = {}, {}
     with torch.no_grad():  # as the pipeline samples: a text context is the same tensor at every step
@@ -379,12 +439,19 @@ def run(args, log):
             lat = size // 8
             x = torch.randn(2, 4, lat, lat, generator=g).to(device, dtype)
             t = torch.tensor([500.0, 500.0], device=device)
-            c = torch.randn(2, 77, 768, generator=g).to(device, dtype)
-            fns = {"ours": lambda: model.apply_model(x, t, c)}
+            c = torch.randn(2, 77, model.model.diffusion_model.context_dim, generator=g).to(device, dtype)
+            fns = {"ours": lambda: ours_fn(x, t, c)}
             if unet_d is not None:
                 fns["diffusers"] = lambda: unet_d(x, t, encoder_hidden_states=c).sample
+            if device.type == "cuda":
+                fns[other_graphs(args)] = (lambda fn=ours_unet_fn(model, not args.cuda_graphs): fn(x, t, c))
             if args.levers and device.type == "cpu":
                 fns["ours, oneDNN off"] = lambda: layers_off(layers, model.apply_model, x, t, c)
+            if args.levers and device.type == "cuda":
+                levers, errs = gpu_levers(model, x, t, c)
+                fns.update(levers)
+                res.setdefault("lever_rel_err", {})[str(size)] = errs
+                log(f"levers, largest difference from our plain step (relative): {errs}")
             repeats = args.repeats if (size <= 256 or device.type == "cuda") else args.large_repeats
             log(f"UNet step, batch 2, {size}x{size}, {repeats} repeats ...")
             res["step_s"][str(size)] = interleaved(fns, repeats, device, log)
@@ -403,7 +470,11 @@ def run(args, log):
 
         from ldm.pipeline import Txt2Img
 
-        fns = {"ours": ours_image_fn(Txt2Img(model, device, "full" if dtype == torch.float32 else "half"), args)}
+        precision = "full" if dtype == torch.float32 else "half"
+        fns = {"ours": ours_image_fn(Txt2Img(model, device, precision, cuda_graphs=args.cuda_graphs), args)}
+        if device.type == "cuda":
+            fns[other_graphs(args)] = ours_image_fn(Txt2Img(model, device, precision, cuda_graphs=not args.cuda_graphs),
+                                                    args)
         text_d = None
         if unet_d is not None:
             text_d = create_diffusers_clip_model_from_ldm(CLIPTextModel, model.state_dict(), config=str(clip_config_dir()),
@@ -451,6 +522,7 @@ def rows(res):
     ch = res.get("children", {})
     o, d = ch.get("ours", {}), ch.get("diffusers", {})
     ck = res["ckpt_bytes"]
+    sec = "{:.4f}" if res["device"] == "cuda" else "{:.2f}"  # a GPU step takes milliseconds
     gemm = max(res["gemm_tflops"].values())
 
     def both(label, key, fmt, scale=1.0):
@@ -463,26 +535,34 @@ def rows(res):
                 "{:.2f}x"))
     for size, times in res["step_s"].items():
         a, b = _min(times.get("ours", [])), _min(times.get("diffusers", []))
-        out.append((f"UNet step, guided (batch 2), {size}x{size}, s", a, b, "{:.2f}"))
+        out.append((f"UNet step, guided (batch 2), {size}x{size}, s", a, b, sec))
         f = res["flops"][size] / 1e12
         out.append((f"  fraction of measured sgemm ({gemm:.2f} TFLOPS; {f:.2f} TFLOP/step)",
                     a and f / a / gemm, b and f / b / gemm, "{:.0%}"))
         if "ours, oneDNN off" in times:
             out.append((f"  ours with the oneDNN levers off, {size}x{size}, s", _min(times["ours, oneDNN off"]), None,
                         "{:.2f}"))
+        for name in times:
+            if name.startswith("ours, ") and name != "ours, oneDNN off":
+                out.append((f"  {name}, {size}x{size}, s", _min(times[name]), None, sec))
     for size, times in res["decode_s"].items():
         out.append((f"VAE decode, 1 image {size}x{size}, s", _min(times.get("ours", [])),
-                    _min(times.get("diffusers", [])), "{:.2f}"))
+                    _min(times.get("diffusers", [])), sec))
     e = res["e2e"]
     if res.get("e2e_s"):
         label = f"end-to-end per image, {e['size']}x{e['size']}, {e['steps']} DDIM steps, s"
-        out.append((label, _min(res["e2e_s"].get("ours", [])), _min(res["e2e_s"].get("diffusers", [])), "{:.1f}"))
+        digits = "{:.2f}" if res["device"] == "cuda" else "{:.1f}"
+        out.append((label, _min(res["e2e_s"].get("ours", [])), _min(res["e2e_s"].get("diffusers", [])), digits))
+        for name in res["e2e_s"]:
+            if name.startswith("ours, "):
+                out.append((f"  {name}, s", _min(res["e2e_s"][name]), None, digits))
     if o.get("image_s") or d.get("image_s"):
         out.append(("  first image after load (fresh process), s", (o.get("image_s") or [None])[0],
                     (d.get("image_s") or [None])[0], "{:.1f}"))
         both("peak RSS, fresh process: load and sampling, GB", "rss_peak", "{:.2f}", GB)
     if o.get("gpu_peak") or d.get("gpu_peak"):
-        both("peak GPU memory, GB", "gpu_peak", "{:.2f}", GB)
+        both("peak GPU memory allocated, fresh process: load and sampling, GB", "gpu_peak", "{:.2f}", GB)
+        both("  the same, reserved by PyTorch's allocator, GB", "gpu_reserved_peak", "{:.2f}", GB)
     hi = res.get("hires")
     if hi:
         out.append(("1024x1024, ours: guided UNet step (latent 128x128), s", hi["step_s"], None, "{:.1f}"))
@@ -566,6 +646,9 @@ def parse(argv):
     ap.add_argument("--levers", action="store_true", help="also time ours with the oneDNN kernels turned off")
     ap.add_argument("--hires", action="store_true", help="also run 1024x1024 on our side (a step and the decode)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet of both sides")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="ours replays its UNet from CUDA graphs (pipeline option cuda_graphs=True); the figures "
+                         "without them are then the extra rows, and the other way round")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each load (needs root)")
     ap.add_argument("--skip-e2e", action="store_true", help="skip the subprocess load / end-to-end / memory figures")
     ap.add_argument("--skip-diffusers", action="store_true")
