@@ -39,6 +39,16 @@ def test_cuda_graphs_run_eagerly_off_the_gpu():
     assert calls == ["cpu"] and run.captures == 0 and not run.graphs
 
 
+def test_unet_traces_as_one_graph():
+    """torch.compile sees the whole UNet at once: no graph breaks (the oneDNN paths and the key/value
+    cache step aside while tracing)."""
+    unet = _tiny_model().model.diffusion_model
+    x, t, c = torch.randn(2, 4, 16, 16), torch.tensor([5.0, 600.0]), torch.randn(2, 77, 64)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(unet)(x, t, c)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons[:1]
+
+
 @pytest.mark.slow
 def test_compiled_unet_matches_eager():
     eager, compiled = _tiny_model(), _tiny_model()  # the same seed: the same weights

@@ -62,9 +62,7 @@ def onednn(enabled):
         ONEDNN = before
 
 
-def _compiling():
-    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return compiling is not None and compiling()
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)  # torch.compile tracing
 
 
 def _fast(x, weight):

@@ -68,8 +68,8 @@ class CrossAttention(DerivedCache, nn.Module):
     def keys_values(self, context):
         """to_k(context), to_v(context); for a cross-attention context (the text, the same tensor at every
         sampling step) kept from the previous call while the context and both weights are unchanged."""
-        # No version counter (inference tensors), or a graph being recorded: a change could go unseen.
-        if torch.is_grad_enabled() or context.is_inference() or recording(context):
+        # A graph being recorded, or no version counter (inference tensors): a change could go unseen.
+        if recording(context) or torch.is_grad_enabled() or context.is_inference():
             self._kv = None
             return self.to_k(context), self.to_v(context)
         key = (tensor_key(context), tensor_key(self.to_k.weight), tensor_key(self.to_v.weight))
