@@ -2,7 +2,7 @@
 
     python bench/run.py                      # CPU, float32: 256x256 and 512x512 (15 to 25 min on 2 cores)
     python bench/run.py --device cuda        # GPU, float16: 512x512, 50 steps, batch 1
-    python bench/run.py --readme             # also rewrite the results table of bench/README.md
+    python bench/run.py --readme             # also rewrite the results tables of bench/README.md and README.md
 
 Both sides get the same checkpoint (the real v1 architecture with random weights, 4.27 GB in the
 original layout, written by make_checkpoint.py on first use), the same dtype, the same number of
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from bench.make_checkpoint import DEFAULT_OUT, V1_CONFIG  # noqa: E402
 
 RESULTS = ROOT / "bench/results"
-README = ROOT / "bench/README.md"
+READMES = (ROOT / "bench/README.md", ROOT / "README.md")  # each holds the table between the markers
 PROMPT = "a painting of a virus monster playing guitar"
 GB = 1e9
 
@@ -617,13 +617,14 @@ def table(results):
 
 
 def write_readme(results):
-    text = README.read_text()
     start, end = "<!-- results:start -->", "<!-- results:end -->"
-    if start not in text or end not in text:
-        raise SystemExit(f"{README} lacks the {start} / {end} markers")
-    head, rest = text.split(start, 1)
-    tail = rest.split(end, 1)[1]
-    README.write_text(head + start + "\n" + table(results) + end + tail)
+    for readme in READMES:
+        text = readme.read_text()
+        if start not in text or end not in text:
+            raise SystemExit(f"{readme} lacks the {start} / {end} markers")
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1]
+        readme.write_text(head + start + "\n" + table(results) + end + tail)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -652,7 +653,7 @@ def parse(argv):
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each load (needs root)")
     ap.add_argument("--skip-e2e", action="store_true", help="skip the subprocess load / end-to-end / memory figures")
     ap.add_argument("--skip-diffusers", action="store_true")
-    ap.add_argument("--readme", action="store_true", help="rewrite the results table in bench/README.md")
+    ap.add_argument("--readme", action="store_true", help="rewrite the results tables in bench/README.md and README.md")
     ap.add_argument("--name", help="results file bench/results/NAME.json (default: cpu or cuda, which the table shows)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -689,7 +690,7 @@ def main(argv=None):
     print("\n" + table([res] if args.name else results))
     if args.readme:
         write_readme(results)
-        print(f"wrote the table into {README}")
+        print("wrote the table into " + " and ".join(str(p.relative_to(ROOT)) for p in READMES))
     return 0
 
 

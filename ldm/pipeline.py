@@ -491,10 +491,11 @@ class Txt2Img:
 
 
 def generate(prompt=DEFAULT_PROMPT, negative_prompt="", *, config=DEFAULT_CONFIG, ckpt=DEFAULT_CKPT, device=None,
-             precision="autocast", use_ema=False, safety_checker=None, nsfw="black", **options) -> list[Result]:
+             precision="autocast", use_ema=False, safety_checker=None, nsfw="black", cuda_graphs=False, compile=False,
+             **options) -> list[Result]:
     """Load a model and run it once: `Txt2Img.from_files(...)(prompt, negative_prompt, **options)`."""
     pipe = Txt2Img.from_files(config, ckpt, device=device, precision=precision, use_ema=use_ema,
-                              safety_checker=safety_checker, nsfw=nsfw)
+                              safety_checker=safety_checker, nsfw=nsfw, cuda_graphs=cuda_graphs, compile=compile)
     return pipe(prompt, negative_prompt, **options)
 
 
