@@ -216,3 +216,18 @@ def test_full_v1_float16_on_cuda_as_accurate_as_diffusers():
         assert rel_err(eps, eps_ref) <= 1.5 * err_d + 1e-4, (rel_err(eps, eps_ref), err_d)
     err_ours, err_d = rel_err(img_ours, img_ref), rel_err(img_d, img_ref)
     assert err_ours < 1e-2 and err_ours <= 1.5 * err_d + 1e-4, (err_ours, err_d)
+
+
+def test_gpu_script_runs_tests_that_exist():
+    """bench/gpu.sh is run only where a GPU is lent: the tests it names must still exist when it is."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = (root / "bench" / "gpu.sh").read_text()
+    named = re.findall(r"(tests/[\w/]+\.py)(?:::(\w+))?", script)
+    assert len(named) >= 3
+    for path, test in named:
+        assert (root / path).is_file(), path
+        if test:
+            assert f"def {test}(" in (root / path).read_text(), f"{path}::{test}"
