@@ -262,23 +262,20 @@ def gpu_levers(model, x, t, c):
 
     unet_cl = copy.deepcopy(model.model.diffusion_model).to(memory_format=torch.channels_last)
 
-    def no_upcast(fn):
-        def run(*a):  # the flag is read while the graph is captured, not when it is replayed
-            GroupNorm32.upcast = False
-            try:
-                return fn(*a)
-            finally:
-                GroupNorm32.upcast = True
-        return run
+    def setting(owner, name, value):
+        """fn -> fn run with owner.name = value (read while the graph is captured, not when it is replayed)."""
+        def wrap(fn):
+            def run(*a):
+                before = getattr(owner, name)
+                setattr(owner, name, value)
+                try:
+                    return fn(*a)
+                finally:
+                    setattr(owner, name, before)
+            return run
+        return wrap
 
-    def benchmarked(fn):
-        def run(*a):
-            before, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True
-            try:
-                return fn(*a)
-            finally:
-                torch.backends.cudnn.benchmark = before
-        return run
+    no_upcast, benchmarked = setting(GroupNorm32, "upcast", False), setting(torch.backends.cudnn, "benchmark", True)
 
     def channels_last(x, t, c):
         return unet_cl(x.contiguous(memory_format=torch.channels_last), t, c)

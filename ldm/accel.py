@@ -130,8 +130,6 @@ def compile_unet(unet: torch.nn.Module, mode: str | None = None):
     compiled = torch.compile(eager, **({"mode": mode} if mode else {}))
 
     def forward(*args, **kwargs):
-        if unet.forward is eager:  # an earlier compile failed
-            return eager(*args, **kwargs)
         try:
             return compiled(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 (whatever the compiler raises: run as before, loudly)
