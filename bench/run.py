@@ -22,10 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from ldm.defaults import set_openmp_defaults  # noqa: E402
+
+set_openmp_defaults()  # the txt2img command's OpenMP setting, for both sides (and the subprocesses); before torch loads
+
+import torch  # noqa: E402
 
 from bench.make_checkpoint import DEFAULT_OUT, V1_CONFIG  # noqa: E402
 
@@ -80,7 +84,7 @@ def peak_rss():
 
 
 def machine(device, threads):
-    env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "LDM_ONEDNN", "THP_MEM_ALLOC_ENABLE")
+    env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "LDM_ONEDNN", "THP_MEM_ALLOC_ENABLE")
            if k in os.environ}
     info = {"env": env, "python": platform.python_version(), "torch": torch.__version__, "threads": threads,
             "cores": os.cpu_count(), "os": platform.platform(), "nice": os.nice(0)}
@@ -131,17 +135,18 @@ def gemm_tflops(device, dtype, repeats=5):
     return best
 
 
-def unet_flops(config, size, batch=2):
-    """FLOPs of one UNet forward at image size `size` (batch 2: one guided step), counted on the meta device."""
+def unet_flops(config, size, latents=2):
+    """FLOPs of one guided UNet step at image size `size` (2 contexts; 2 latents as the original and
+    diffusers pass them, or 1, which ours fans out), counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from ldm.checkpoint import build_model
 
     unet = build_model(config, "meta").model.diffusion_model
     with torch.device("meta"):
-        x = torch.empty(batch, unet.in_channels, size // 8, size // 8)
-        t = torch.empty(batch)
-        c = torch.empty(batch, 77, unet.context_dim)
+        x = torch.empty(latents, unet.in_channels, size // 8, size // 8)
+        t = torch.empty(latents)
+        c = torch.empty(2, 77, unet.context_dim)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         unet(x, t, c)
     return counter.get_total_flops()
@@ -346,9 +351,9 @@ def hires(args):
     model = load_model(args.config, args.ckpt, args.device, getattr(torch, args.dtype))
     lat = 1024 // 8
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, lat, lat, generator=g).to(args.device, model.dtype)
+    x = torch.randn(1, 4, lat, lat, generator=g).to(args.device, model.dtype)  # fanned out to the 2 contexts
     c = torch.randn(2, 77, 768, generator=g).to(args.device, model.dtype)
-    t = torch.full((2,), 500.0, device=args.device)
+    t = torch.full((1,), 500.0, device=args.device)
     out = {"side": "hires"}
     with torch.no_grad():
         out["step_s"] = timed(lambda: model.apply_model(x, t, c), args.device)
@@ -404,6 +409,7 @@ def run(args, log):
     res["gemm_tflops"] = gemm_tflops(device, dtype)
     log(f"GEMM throughput: {res['gemm_tflops']}")
     res["flops"] = {str(s): unet_flops(args.config, s) for s in args.sizes}
+    res["flops_fanned_out"] = {str(s): unet_flops(args.config, s, latents=1) for s in args.sizes}
     log(f"UNet FLOPs per guided step: { {s: f'{f / 1e12:.3f} T' for s, f in res['flops'].items()} }")
 
     # 1. loading, sampling, memory: one fresh process per side (before this process holds any weights)
@@ -443,18 +449,23 @@ def run(args, log):
     with torch.no_grad():  # as the pipeline samples: a text context is the same tensor at every step
         for size in args.sizes:
             lat = size // 8
-            x = torch.randn(2, 4, lat, lat, generator=g).to(device, dtype)
-            t = torch.tensor([500.0, 500.0], device=device)
+            # a guided step as each pipeline samples: diffusers repeats the latent for its two contexts
+            # (unconditional, conditional); ours passes it once and the UNet fans it out to both
+            x1 = torch.randn(1, 4, lat, lat, generator=g).to(device, dtype)
+            t1 = torch.tensor([500.0], device=device)
+            x, t = x1.repeat(2, 1, 1, 1), t1.repeat(2)
             c = torch.randn(2, 77, model.model.diffusion_model.context_dim, generator=g).to(device, dtype)
-            fns = {"ours": lambda: ours_fn(x, t, c)}
+            fns = {"ours": lambda: ours_fn(x1, t1, c)}
             if unet_d is not None:
                 fns["diffusers"] = lambda: unet_d(x, t, encoder_hidden_states=c).sample
             if device.type == "cuda":
-                fns[other_graphs(args)] = (lambda fn=ours_unet_fn(model, not args.cuda_graphs): fn(x, t, c))
+                fns[other_graphs(args)] = (lambda fn=ours_unet_fn(model, not args.cuda_graphs): fn(x1, t1, c))
             if args.levers and device.type == "cpu":
-                fns["ours, oneDNN off"] = lambda: layers_off(layers, model.apply_model, x, t, c)
+                fns["ours, oneDNN off"] = lambda: layers_off(layers, model.apply_model, x1, t1, c)
+                fns["ours, fused attention off"] = lambda: fused_off(layers, model.apply_model, x1, t1, c)
+                fns["ours, latent repeated"] = lambda: model.apply_model(x, t, c)
             if args.levers and device.type == "cuda":
-                levers, errs = gpu_levers(model, x, t, c)
+                levers, errs = gpu_levers(model, x1, t1, c)
                 fns.update(levers)
                 res.setdefault("lever_rel_err", {})[str(size)] = errs
                 log(f"levers, largest difference from our plain step (relative): {errs}")
@@ -515,6 +526,14 @@ def layers_off(layers, fn, *a):
         return fn(*a)
 
 
+def fused_off(layers, fn, *a):
+    before, layers.FUSED_ATTENTION = layers.FUSED_ATTENTION, False
+    try:
+        return fn(*a)
+    finally:
+        layers.FUSED_ATTENTION = before
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -545,6 +564,10 @@ def rows(res):
         f = res["flops"][size] / 1e12
         out.append((f"  fraction of measured sgemm ({gemm:.2f} TFLOPS; {f:.2f} TFLOP/step)",
                     a and f / a / gemm, b and f / b / gemm, "{:.0%}"))
+        fan = res.get("flops_fanned_out", {}).get(size)
+        if fan:
+            out.append(("  TFLOP a step as computed (ours: the layers before the first cross-attention once)",
+                        fan / 1e12, f, "{:.3f}"))
         if "ours, oneDNN off" in times:
             out.append((f"  ours with the oneDNN levers off, {size}x{size}, s", _min(times["ours, oneDNN off"]), None,
                         "{:.2f}"))

@@ -395,7 +395,7 @@ class Txt2Img:
             for run in self.sampler_runs(items, opts):
                 pairs = [self.conditioning(items[i].prompt, items[i].negative_prompt, opts.emphasis) for i in run]
                 conds, unconds = zip(*pairs)
-                eps_fn = cfg_denoiser(self._eps_model, torch.cat(conds), torch.cat(unconds), opts.scale)
+                eps_fn = cfg_denoiser(self._eps_model, torch.cat(conds), torch.cat(unconds), opts.scale, fans_out=True)
                 x_T = torch.stack([start_code(items[i].seed, shape) for i in run]).to(self.device)
                 generator = torch.Generator("cpu").manual_seed(items[run[0]].seed)
 

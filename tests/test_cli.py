@@ -508,3 +508,20 @@ def test_help_is_instant_and_imports_no_torch():
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
     assert time.perf_counter() - start < 10  # generous for a loaded 2-core machine; typically 0.1 s
+
+
+def test_openmp_spin_count_is_set_unless_the_user_chose_a_policy():
+    from ldm.defaults import OPENMP_SPINCOUNT, set_openmp_defaults
+
+    env = {}
+    assert set_openmp_defaults(env) and env == {"GOMP_SPINCOUNT": OPENMP_SPINCOUNT}
+    for chosen in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "5"}):
+        env = dict(chosen)
+        assert not set_openmp_defaults(env) and env == chosen
+    code = ("import os, sys; from ldm.cli import main; before = 'torch' in sys.modules; main(['--H', '63']); "
+            "print(before, os.environ.get('GOMP_SPINCOUNT'))")
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    for extra, expected in (({}, f"False {OPENMP_SPINCOUNT}"), ({"OMP_WAIT_POLICY": "PASSIVE"}, "False None")):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env=dict(base, PYTHONPATH=str(REPO), **extra))
+        assert r.stdout.strip() == expected, r.stderr

@@ -102,18 +102,97 @@ def test_packed_direct_convolution_follows_weight_changes():
         assert rel_err(conv(x), _reference(conv, x)) < 5e-6
 
 
-@pytest.mark.parametrize("keys", [77, 300])  # SDPA below 256 keys, blocked oneDNN matmuls from 256 on
-def test_attention_matches_softmax_formula(keys, monkeypatch):
+def _qkv(keys, queries=200, heads=3, d=40, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, queries, heads, d, generator=g).transpose(1, 2)  # (B, h, N, d), strided like the UNet's
+    k, v = (torch.randn(2, keys, heads, d, generator=g).transpose(1, 2) for _ in range(2))
+    return q, k, v
+
+
+def _softmax_attention(q, k, v):
+    qd, kd, vd = q.double(), k.double(), v.double()
+    return torch.softmax(qd @ kd.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ vd
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """A fresh fused-attention cache, so a test sees its own graphs."""
+    fresh = layers.FusedAttention()
+    monkeypatch.setattr(layers, "fused_attention", fresh)
+    return fresh
+
+
+# fused (oneDNN Graph) up to 1024 keys; without it, SDPA below 256 keys and blocked matmuls from 256 on
+@pytest.mark.parametrize("keys, use_fused", [(77, True), (300, True), (77, False), (300, False)])
+def test_attention_matches_softmax_formula(keys, use_fused, fused, monkeypatch):
+    monkeypatch.setattr(layers, "FUSED_ATTENTION", use_fused)
     monkeypatch.setattr(layers, "_ATTN_BLOCK_BYTES", 64 * keys * 4)  # 64 queries a block: several blocks
-    g = torch.Generator().manual_seed(5)
-    q = torch.randn(2, 200, 3, 40, generator=g).transpose(1, 2)  # (B, h, N, d), strided like the UNet's
-    k, v = (torch.randn(2, keys, 3, 40, generator=g).transpose(1, 2) for _ in range(2))
+    q, k, v = _qkv(keys)
+    with torch.no_grad():
+        outs = [layers.attention(q, k, v) for _ in range(4)]
+    ref = _softmax_attention(q, k, v)
+    for out in outs:
+        assert out.shape == (2, 3, 200, 40)
+        assert rel_err(out, ref) < 1e-5
+    assert len(fused.graphs) == (1 if use_fused else 0)
+
+
+def test_fused_attention_is_fused_and_leaves_the_fuser_off(fused):
+    """The traced graph really runs as one oneDNN Graph partition (otherwise it would be a slow
+    unfused TorchScript path), one graph per input signature; TorchScript's oneDNN fuser stays off outside."""
+    assert not torch._C._jit_llga_enabled()
+    q, k, v = _qkv(96)
+    with torch.no_grad():
+        outs = [layers.attention(q, k, v) for _ in range(3)]
+        out = outs[0]
+        assert torch.equal(outs[1], out) and torch.equal(outs[2], out)  # the same bits from the first call on
+        assert not fused.failed and not torch._C._jit_llga_enabled()
+        (graph,) = fused.graphs.values()
+        torch._C._jit_set_llga_enabled(True)
+        try:
+            assert "prim::oneDNNFusionGroup" in str(graph.graph_for(q, k, v))
+        finally:
+            torch._C._jit_set_llga_enabled(False)
+        layers.attention(q.contiguous(), k, v)  # other strides: another graph
+        assert len(fused.graphs) == 2
+        assert rel_err(out, _softmax_attention(q, k, v)) < 1e-5
+
+
+def test_fused_attention_keeps_a_bounded_number_of_graphs(fused):
+    fused.max_graphs = 2
+    with torch.no_grad():
+        for keys in (20, 30, 40, 20):
+            q, k, v = _qkv(keys, queries=16)
+            assert rel_err(layers.attention(q, k, v), _softmax_attention(q, k, v)) < 1e-5
+    assert len(fused.graphs) == 2
+    assert [key[1][0][2] for key in fused.graphs] == [40, 20]  # the least recently used (30 keys) went
+
+
+def test_fused_attention_stays_out_of_long_sequences(fused, monkeypatch):
+    """Its first, unfused calls hold every score at once, and beyond 1024 keys the blocked matmuls are faster."""
+    q, k, v = _qkv(1025, queries=8, heads=1)
+    assert not fused.applies(q, k)
+    assert fused.applies(*_qkv(1024, queries=8, heads=1)[:2])
+    monkeypatch.setattr(layers, "_FUSED_MAX_SCORES", 2 * 3 * 200 * 77 * 4 - 1)
+    assert not fused.applies(*_qkv(77)[:2])
+    with torch.no_grad():
+        assert rel_err(layers.attention(q, k, v), _softmax_attention(q, k, v)) < 1e-5
+    assert not fused.graphs
+
+
+def test_fused_attention_falls_back_when_the_fuser_fails(fused, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no oneDNN Graph here")
+
+    monkeypatch.setattr(torch.jit, "trace", broken)
+    q, k, v = _qkv(77)
     with torch.no_grad():
         out = layers.attention(q, k, v)
-    qd, kd, vd = q.double(), k.double(), v.double()
-    ref = torch.softmax(qd @ kd.transpose(-1, -2) / 40**0.5, dim=-1) @ vd
-    assert out.shape == (2, 3, 200, 40)
-    assert rel_err(out, ref) < 1e-5
+        again = layers.attention(q, k, v)
+    assert fused.failed and not fused.graphs and not torch._C._jit_llga_enabled()
+    assert rel_err(out, _softmax_attention(q, k, v)) < 1e-5 and torch.equal(out, again)
+    assert [r.message for r in caplog.records if "fused attention" in r.message] == [
+        "fused attention unavailable (no oneDNN Graph here); using the unfused kernels"]
 
 
 def test_linear_and_conv_add_the_residual_in_their_epilogue():
@@ -129,6 +208,27 @@ def test_linear_and_conv_add_the_residual_in_their_epilogue():
         assert rel_err(lin(x, r.transpose(0, 1).contiguous().transpose(0, 1)), lin(x) + r) < 5e-6  # strided
         assert rel_err(conv(xc, rc), _reference(conv, xc) + rc) < 5e-6
         assert rel_err(wide(xw, rw), _reference(wide, xw) + rw) < 5e-5  # the Winograd path
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_adds_a_per_sample_channel_shift(onednn, bias):
+    """conv(x, shift=s) = conv(x) + s[:, :, None, None]; a shift the same for every sample (the timestep
+    embedding under guidance) is folded into the bias on the oneDNN path, and the weights are untouched."""
+    g = torch.Generator().manual_seed(9)
+    small, wide = _conv(24, 32, bias=bias), _conv(256, 256, bias=bias)
+    for conv, x in ((small, torch.randn(2, 24, 7, 7, generator=g)), (wide, torch.randn(2, 256, 16, 16, generator=g))):
+        c_out = conv.out_channels
+        same = torch.randn(1, c_out, generator=g).expand(2, c_out)
+        differ = torch.randn(2, c_out, generator=g)
+        before = None if conv.bias is None else conv.bias.clone()
+        r = torch.randn(2, c_out, *x.shape[2:], generator=g)
+        with torch.no_grad(), layers.onednn(onednn):
+            for shift in (same, differ):
+                ref = _reference(conv, x) + shift.double()[:, :, None, None]
+                assert rel_err(conv(x, shift=shift), ref) < 5e-5
+                assert rel_err(conv(x, r, shift=shift), ref + r) < 5e-5
+        assert before is None and conv.bias is None or torch.equal(before, conv.bias)
 
 
 def test_cross_attention_reuses_keys_and_values_only_while_nothing_changed():

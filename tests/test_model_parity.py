@@ -65,6 +65,13 @@ def _check_parity(config, latent=16, batch=2, seed=0):
         eps_ref = unet(x, t, encoder_hidden_states=ctx).sample
         assert rel_err(eps_ours, eps_ref) < TOL
 
+        # guidance: each latent under an unconditional and a conditional context, the latents given once
+        ctx2 = torch.cat([torch.randn(batch, 77, ctx_dim, generator=g), ctx])
+        eps_fan = ours.apply_model(x, t, ctx2)
+        eps_ref = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=ctx2).sample
+        assert eps_fan.shape == (2 * batch, 4, latent, latent)
+        assert rel_err(eps_fan, eps_ref) < TOL
+
         z = torch.randn(1, 4, latent, latent, generator=g)
         img_ours = ours.first_stage_model.decode(z)
         img_ref = vae.decode(z).sample
@@ -89,6 +96,26 @@ def _check_parity(config, latent=16, batch=2, seed=0):
 
 def test_parity_reduced_width():
     _check_parity(tiny_config())
+
+
+@pytest.mark.parametrize("attention_resolutions", [[4, 2, 1], [4], [16]])  # fan out at the top, lower, in the middle
+def test_unet_fans_latents_out_to_their_contexts(attention_resolutions):
+    """forward(x, t, context of k*B) equals forward(x repeated k times, t repeated, context), wherever
+    the first cross-attention sits; a batch that does not divide is an error."""
+    config = tiny_config()
+    config["model"]["params"]["unet_config"]["params"]["attention_resolutions"] = attention_resolutions
+    unet = randomize_(build_model(config, "cpu").model.diffusion_model, 3).eval()
+    g = torch.Generator().manual_seed(4)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([981.0, 37.5])
+    for k in (2, 3):
+        ctx = torch.randn(k * 2, 7, 64, generator=g)
+        with torch.no_grad():
+            fanned = unet(x, t, ctx)
+            repeated = unet(x.repeat(k, 1, 1, 1), t.repeat(k), ctx)
+        assert fanned.shape == (k * 2, 4, 16, 16)
+        assert rel_err(fanned, repeated) < 1e-5  # float32 rounding: other batch sizes, other blockings
+    with pytest.raises(ValueError, match="2 latents and 2 timesteps for 3 contexts"):
+        unet(x, t, torch.randn(3, 7, 64))
 
 
 @pytest.mark.slow

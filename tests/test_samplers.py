@@ -284,6 +284,25 @@ def test_guidance_combines_one_batched_pass():
     torch.testing.assert_close(out, eps_u + 7.5 * (eps_c - eps_u))
 
 
+def test_guidance_can_pass_each_latent_once_for_both_contexts():
+    """fans_out: the model gets the B latents and the 2B contexts (it denoises each latent under both)."""
+    model = CountingModel()
+    seen = []
+
+    def fanning(x, t, context):  # what UNetModel does with k*B contexts
+        seen.append((x.shape[0], t.shape[0], context.shape[0]))
+        k = context.shape[0] // x.shape[0]
+        return model(x.repeat(k, 1, 1, 1), t.repeat(k), context)
+
+    g = generator(6)
+    x = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.full((2,), 300.0, dtype=torch.float64)
+    cond, uncond = (torch.randn(2, 3, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    out = cfg_denoiser(fanning, cond, uncond, 7.5, fans_out=True)(x, t)
+    assert seen == [(2, 2, 4)]
+    torch.testing.assert_close(out, cfg_denoiser(model, cond, uncond, 7.5)(x, t))
+
+
 def test_negative_prompt_changes_only_the_unconditional_branch():
     seen = []
 

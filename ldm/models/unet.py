@@ -122,6 +122,8 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x, context=None):
         x = self.attn1(self.norm1(x), residual=x)  # x + attn1(norm1(x))
+        if context is not None and context.shape[0] != x.shape[0]:  # each latent under k contexts: fan out here
+            x = x.repeat(context.shape[0] // x.shape[0], 1, 1)  # (k*B, N, C)
         x = self.attn2(self.norm2(x), context=context, residual=x)
         return self.ff(self.norm3(x), residual=x)
 
@@ -145,7 +147,9 @@ class SpatialTransformer(nn.Module):
         h = h.flatten(2).transpose(1, 2)  # (B, H*W, inner)
         for block in self.transformer_blocks:
             h = block(h, context=context)
-        h = h.transpose(1, 2).reshape(B, -1, H, W)  # (B, inner, H, W)
+        h = h.transpose(1, 2).reshape(h.shape[0], -1, H, W)  # (B, inner, H, W); k*B once fanned out
+        if h.shape[0] != B:
+            x = x.repeat(h.shape[0] // B, 1, 1, 1)
         return self.proj_out(h, residual=x)  # proj_out(h) + x
 
 
@@ -184,8 +188,8 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
 
     def forward(self, x, emb):
-        h = self.in_layers(x)
-        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        norm, act, conv = self.in_layers
+        h = conv(act(norm(x)), shift=self.emb_layers(emb))  # in_layers(x) + emb_layers(emb)[:, :, None, None]
         out = self.out_layers
         return out[3](out[2](out[1](out[0](h))), residual=self.skip_connection(x))  # skip(x) + out_layers(h)
 
@@ -307,12 +311,29 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), Conv2d(model_channels, out_channels, 3, padding=1))
 
     def forward(self, x, timesteps, context):
+        """eps for latents x [B, C, H, W] at timesteps [B] under text contexts [B, L, D].
+
+        A context of k*B rows means each latent under k contexts (as classifier-free guidance does,
+        unconditional rows first): the result is that of `forward(x.repeat(k, 1, 1, 1),
+        timesteps.repeat(k), context)`, but the layers before the first cross-attention, which see
+        no context, run once per latent instead of k times.
+        """
+        if context.shape[0] % x.shape[0] or timesteps.shape[0] != x.shape[0]:
+            raise ValueError(f"UNetModel: {x.shape[0]} latents and {timesteps.shape[0]} timesteps "
+                             f"for {context.shape[0]} contexts")
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
         h = x
         skips = []
         for block in self.input_blocks:
             h = block(h, emb, context)
+            if h.shape[0] != emb.shape[0]:  # the block fanned out to the contexts: so do the rest
+                k = h.shape[0] // emb.shape[0]
+                emb = emb.repeat(k, 1)
+                skips = [s.repeat(k, 1, 1, 1) for s in skips]
             skips.append(h)
+        if h.shape[0] != context.shape[0]:  # no cross-attention among the input blocks
+            k = context.shape[0] // h.shape[0]
+            h, emb, skips = h.repeat(k, 1, 1, 1), emb.repeat(k, 1), [s.repeat(k, 1, 1, 1) for s in skips]
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
