@@ -73,7 +73,7 @@ class Upsample(nn.Module):
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv.upsampled(x)  # conv(nearest 2x upsampling of x)
 
 
 class _Level(nn.Module):

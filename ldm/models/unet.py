@@ -171,7 +171,7 @@ class Upsample(nn.Module):
         self.conv = Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv.upsampled(x)  # conv(nearest 2x upsampling of x)
 
 
 class ResBlock(nn.Module):
