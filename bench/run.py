@@ -574,8 +574,8 @@ def rows(res):
                     a and f / a / gemm, b and f / b / gemm, "{:.0%}"))
         fewer = res.get("flops_ours", {}).get(size)
         if fewer:
-            out.append(("  TFLOP a step as computed (ours: see \"Fewer FLOPs\" below the table)", fewer / 1e12, f,
-                        "{:.3f}"))
+            out.append((f"  TFLOP a step as computed, {size}x{size} (ours: see \"Fewer FLOPs\" below the table)",
+                        fewer / 1e12, f, "{:.3f}"))
         if "ours, oneDNN off" in times:
             out.append((f"  ours with the oneDNN levers off, {size}x{size}, s", _min(times["ours, oneDNN off"]), None,
                         "{:.2f}"))

@@ -73,7 +73,8 @@ class Upsample(nn.Module):
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
-        return self.conv.upsampled(x)  # conv(nearest 2x upsampling of x)
+        # Not conv.upsampled(x): on the decoder's large maps the whole decode measured 3 to 8 % slower with it.
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class _Level(nn.Module):

@@ -16,8 +16,9 @@ differ, and only for inference (no autograd graph needed) on the CPU in float32:
   [out, kh, kw, in], is the matmul's streamed operand and the gathered input patches the small
   one, 1.3 to 1.6x faster than oneDNN's direct convolution there, which runs such layers at half
   its usual rate.
-- A nearest 2x upsampling followed by a 3x3 convolution (`Conv2d.upsampled`) is four 2x2
-  convolutions on the small map, one per output phase: 4/9 of the FLOPs, and no upsampled copy.
+- A nearest 2x upsampling followed by a 3x3 convolution (`Conv2d.upsampled`, the UNet's
+  upsamplers) is four 2x2 convolutions on the small map, one per output phase: 4/9 of the FLOPs,
+  and no upsampled copy. (In the VAE decoder, whose maps are large, it measured slower as a whole.)
 - Attention runs as oneDNN Graph's fused kernel up to 1024 keys (`FusedAttention`), and as
   blocks of queries beyond (`attention`).
 - With `LDM_WINOGRAD=1` (off by default), 3x3 convolutions with at least 256 channels in and out
@@ -372,7 +373,7 @@ class Conv2d(DerivedCache, nn.Conv2d):
     _packed = None  # (key of the weight it was made from, packed weight)
     _wino = None  # (key of the weight it was made from, winograd_weight(weight))
     _gemm = None  # (key of the weight it was made from, the weight as [out, kh * kw * in] for gemm_conv)
-    _phases = None  # (key of the weight and bias they were made from, four 2x2 Conv2d for `upsampled`)
+    _phases = None  # (key of the weight it was made from and the path, the four phase kernels for `upsampled`)
 
     def _weight_key(self):
         return tensor_key(self.weight)
@@ -403,28 +404,36 @@ class Conv2d(DerivedCache, nn.Conv2d):
                 and self.padding == (1, 1) and self.dilation == (1, 1) and self.groups == 1
                 and self.padding_mode == "zeros"):
             return self(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        convs = self.phase_convs()
         N, _, H, W = x.shape
+        gemm = N * H * W <= _GEMM_MAX_ROWS
+        weights = self.phase_weights(gemm, x)
         xp = F.pad(x, (1, 1, 1, 1))
         out = x.new_empty(N, self.out_channels, H, 2, W, 2)
         for a in range(2):
             for b in range(2):
-                out[:, :, :, a, :, b] = convs[2 * a + b](xp[:, :, a:a + H + 1, b:b + W + 1])  # rows 2i + a, columns 2j + b
+                xs, w = xp[:, :, a:a + H + 1, b:b + W + 1], weights[2 * a + b]
+                if gemm:
+                    y = gemm_conv(xs, w, (2, 2), (1, 1), (0, 0), self.bias)
+                else:
+                    y = torch.ops.mkldnn._convolution_pointwise(xs, w, self.bias, [0, 0], [1, 1], [1, 1], 1, "none", [], "")
+                out[:, :, :, a, :, b] = y  # output rows 2i + a, columns 2j + b
         return out.view(N, self.out_channels, 2 * H, 2 * W)
 
-    def phase_convs(self):
-        key = (self._weight_key(), None if self.bias is None else tensor_key(self.bias))
+    def phase_weights(self, gemm, x):
+        """The four 2x2 phase kernels (`phase_weights`), kept in the form the call takes: laid out for
+        `gemm_conv`, or reordered for oneDNN's convolution (no plain copy kept)."""
+        key = (self._weight_key(), gemm)
         if self._phases is None or self._phases[0] != key:
             self._phases = None
-            convs = []
+            N, C, H, W = x.shape
+            made = []
             for w in phase_weights(self.weight):
-                conv = nn.utils.skip_init(type(self), self.in_channels, self.out_channels, 2, bias=self.bias is not None)
-                with torch.no_grad():
-                    conv.weight.copy_(w)
-                    if self.bias is not None:
-                        conv.bias.copy_(self.bias)
-                convs.append(conv.requires_grad_(False))
-            self._phases = (key, convs)
+                if gemm:
+                    made.append(w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous())
+                else:
+                    made.append(torch._C._nn.mkldnn_reorder_conv2d_weight(
+                        w.to_mkldnn(), [0, 0], [1, 1], [1, 1], 1, [N, C, H + 1, W + 1]))
+            self._phases = (key, made)
             release_file_pages(self.weight)
         return self._phases[1]
 
