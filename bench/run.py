@@ -675,7 +675,7 @@ def parse(argv):
     ap.add_argument("--dtype", choices=["float32", "float16"], help="default: float32 on the CPU, float16 on a GPU")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
     ap.add_argument("--sizes", help="image sizes for the per-step and decode figures (default 256,512 on the CPU, 512 on a GPU)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per figure")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats per figure")
     ap.add_argument("--large-repeats", type=int, default=2, help="repeats at 512 and above on the CPU")
     ap.add_argument("--e2e-size", type=int, help="image size end to end (default 256 on the CPU, 512 on a GPU)")
     ap.add_argument("--e2e-steps", type=int, help="DDIM steps end to end (default 8 on the CPU, 50 on a GPU)")
