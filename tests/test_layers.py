@@ -277,8 +277,11 @@ def test_upsampled_conv_equals_conv_of_the_nearest_upsampling(onednn, c, size):
     x = torch.randn(2, c, size, size + 1, generator=torch.Generator().manual_seed(11))
     ref = _reference(conv, F.interpolate(x.double(), scale_factor=2.0, mode="nearest"))
     with torch.no_grad(), layers.onednn(onednn):
-        assert rel_err(conv.upsampled(x), ref) < 5e-6
+        y = conv.upsampled(x)
+        assert rel_err(y, ref) < 5e-6
         assert (conv._phases is not None) == (onednn and layers.ONEDNN)
+        if conv._phases is not None:  # channels-last, as oneDNN's convolutions give (NCHW would cost the next layer a copy)
+            assert y.is_contiguous(memory_format=torch.channels_last)
         if onednn:
             kept = conv._phases
             conv.bias.add_(1.0)

@@ -325,9 +325,9 @@ def gemm_conv(x, w, k, stride, padding, bias=None, residual=None):
     s_n, s_h, s_w, s_c = xp.stride()
     patches = xp.as_strided((N, Ho, Wo, kh, kw, C), (s_n, sh * s_h, sw * s_w, s_h, s_w, s_c))
     y = torch.ops.mkldnn._linear_pointwise(w, patches.reshape(N * Ho * Wo, kh * kw * C), None, "none", [], "")
-    y = y.view(-1, N, Ho * Wo).transpose(0, 1)  # (N, K, Ho * Wo) view
-    out = y.contiguous() if bias is None else torch.add(y, bias.view(1, -1, 1))
-    out = out.view(N, -1, Ho, Wo)
+    y = y.t().view(N, Ho, Wo, -1)  # (N, Ho, Wo, K) view
+    out = y.contiguous() if bias is None else torch.add(y, bias)
+    out = out.permute(0, 3, 1, 2)  # (N, K, Ho, Wo), channels-last like oneDNN's convolutions
     return out if residual is None else out.add_(residual)
 
 
@@ -408,7 +408,9 @@ class Conv2d(DerivedCache, nn.Conv2d):
         gemm = N * H * W <= _GEMM_MAX_ROWS
         weights = self.phase_weights(gemm, x)
         xp = F.pad(x, (1, 1, 1, 1))
-        out = x.new_empty(N, self.out_channels, H, 2, W, 2)
+        # Channels-last, like the oneDNN convolutions' own outputs: the phases interleave in runs of
+        # K channels, and the next layers get the layout they run in (an NCHW map costs them a copy).
+        out = x.new_empty(N, H, 2, W, 2, self.out_channels)
         for a in range(2):
             for b in range(2):
                 xs, w = xp[:, :, a:a + H + 1, b:b + W + 1], weights[2 * a + b]
@@ -416,8 +418,8 @@ class Conv2d(DerivedCache, nn.Conv2d):
                     y = gemm_conv(xs, w, (2, 2), (1, 1), (0, 0), self.bias)
                 else:
                     y = torch.ops.mkldnn._convolution_pointwise(xs, w, self.bias, [0, 0], [1, 1], [1, 1], 1, "none", [], "")
-                out[:, :, :, a, :, b] = y  # output rows 2i + a, columns 2j + b
-        return out.view(N, self.out_channels, 2 * H, 2 * W)
+                out[:, :, a, :, b] = y.permute(0, 2, 3, 1)  # output rows 2i + a, columns 2j + b
+        return out.view(N, 2 * H, 2 * W, self.out_channels).permute(0, 3, 1, 2)  # (N, K, 2H, 2W), channels-last
 
     def phase_weights(self, gemm, x):
         """The four 2x2 phase kernels (`phase_weights`), kept in the form the call takes: laid out for

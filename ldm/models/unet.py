@@ -123,7 +123,7 @@ class BasicTransformerBlock(nn.Module):
     def forward(self, x, context=None):
         x = self.attn1(self.norm1(x), residual=x)  # x + attn1(norm1(x))
         if context is not None and context.shape[0] != x.shape[0]:  # each latent under k contexts: fan out here
-            x = x.repeat(context.shape[0] // x.shape[0], 1, 1)  # (k*B, N, C)
+            x = torch.cat([x] * (context.shape[0] // x.shape[0]))  # (k*B, N, C)
         x = self.attn2(self.norm2(x), context=context, residual=x)
         return self.ff(self.norm3(x), residual=x)
 
@@ -149,7 +149,7 @@ class SpatialTransformer(nn.Module):
             h = block(h, context=context)
         h = h.transpose(1, 2).reshape(h.shape[0], -1, H, W)  # (B, inner, H, W); k*B once fanned out
         if h.shape[0] != B:
-            x = x.repeat(h.shape[0] // B, 1, 1, 1)
+            x = torch.cat([x] * (h.shape[0] // B))  # (cat keeps the memory layout; repeat would not)
         return self.proj_out(h, residual=x)  # proj_out(h) + x
 
 
@@ -328,12 +328,12 @@ class UNetModel(nn.Module):
             h = block(h, emb, context)
             if h.shape[0] != emb.shape[0]:  # the block fanned out to the contexts: so do the rest
                 k = h.shape[0] // emb.shape[0]
-                emb = emb.repeat(k, 1)
-                skips = [s.repeat(k, 1, 1, 1) for s in skips]
+                emb = torch.cat([emb] * k)
+                skips = [torch.cat([s] * k) for s in skips]
             skips.append(h)
         if h.shape[0] != context.shape[0]:  # no cross-attention among the input blocks
             k = context.shape[0] // h.shape[0]
-            h, emb, skips = h.repeat(k, 1, 1, 1), emb.repeat(k, 1), [s.repeat(k, 1, 1, 1) for s in skips]
+            h, emb, skips = torch.cat([h] * k), torch.cat([emb] * k), [torch.cat([s] * k) for s in skips]
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
