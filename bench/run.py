@@ -263,6 +263,21 @@ def other_graphs(args):
     return "ours, no CUDA graphs" if args.cuda_graphs else "ours, CUDA graphs"
 
 
+def setting(owner, name, value):
+    """fn -> fn run with owner.name = value for the call (for a CUDA-graphed fn: while it is captured,
+    which is when the setting is read, not when the graph is replayed)."""
+    def wrap(fn):
+        def run(*a):
+            before = getattr(owner, name)
+            setattr(owner, name, value)
+            try:
+                return fn(*a)
+            finally:
+                setattr(owner, name, before)
+        return run
+    return wrap
+
+
 def gpu_levers(model, x, t, c):
     """GPU levers, each a variant of our CUDA-graphed step in a graph of its own: GroupNorm in float16
     without the float32 round trip, channels_last activations (a copy of the UNet), cuDNN's benchmark
@@ -274,19 +289,6 @@ def gpu_levers(model, x, t, c):
     from ldm.models.unet import GroupNorm32
 
     unet_cl = copy.deepcopy(model.model.diffusion_model).to(memory_format=torch.channels_last)
-
-    def setting(owner, name, value):
-        """fn -> fn run with owner.name = value (read while the graph is captured, not when it is replayed)."""
-        def wrap(fn):
-            def run(*a):
-                before = getattr(owner, name)
-                setattr(owner, name, value)
-                try:
-                    return fn(*a)
-                finally:
-                    setattr(owner, name, before)
-            return run
-        return wrap
 
     no_upcast, benchmarked = setting(GroupNorm32, "upcast", False), setting(torch.backends.cudnn, "benchmark", True)
 
@@ -470,7 +472,8 @@ def run(args, log):
                 fns[other_graphs(args)] = (lambda fn=ours_unet_fn(model, not args.cuda_graphs): fn(x1, t1, c))
             if args.levers and device.type == "cpu":
                 fns["ours, oneDNN off"] = lambda: layers_off(layers, model.apply_model, x1, t1, c)
-                fns["ours, fused attention off"] = lambda: fused_off(layers, model.apply_model, x1, t1, c)
+                unfused = setting(layers, "FUSED_ATTENTION", False)(model.apply_model)
+                fns["ours, fused attention off"] = lambda fn=unfused: fn(x1, t1, c)
                 fns["ours, latent repeated"] = lambda: model.apply_model(x, t, c)
             if args.levers and device.type == "cuda":
                 levers, errs = gpu_levers(model, x1, t1, c)
@@ -532,14 +535,6 @@ def run(args, log):
 def layers_off(layers, fn, *a):
     with layers.onednn(False):
         return fn(*a)
-
-
-def fused_off(layers, fn, *a):
-    before, layers.FUSED_ATTENTION = layers.FUSED_ATTENTION, False
-    try:
-        return fn(*a)
-    finally:
-        layers.FUSED_ATTENTION = before
 
 
 # ----------------------------------------------------------------------------- the table

@@ -53,6 +53,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+
 def _onednn_available():
     ops = getattr(torch.ops, "mkldnn", None)
     try:
@@ -103,9 +104,9 @@ class FusedAttention:
     these traces runs (it is process-wide; nobody else's TorchScript sees it). A new trace is run
     unfused once while TorchScript profiles it (all scores in memory at once, hence the size limit),
     and that result is thrown away: results differing in the last bits between the first call and
-    the next would make the same seed give another image the second time in a process. On the UNet's heads (2 x 8 heads of 40 to 160
-    channels, 64 to 1024 queries, 77 to 1024 keys) it measured 1.5 to 4x faster than SDPA or the
-    blocked matmuls, within 1e-6 of them. If this torch cannot trace or fuse, it says so once in
+    the next would make the same seed give another image the second time in a process. On the
+    UNet's heads (2 x 8 heads of 40 to 160 channels, 64 to 1024 queries, 77 to 1024 keys) it
+    measured 1.5 to 4x faster than SDPA or the blocked matmuls, within 1e-6 of them. If this torch cannot trace or fuse, it says so once in
     the log and `attention` goes on without it.
     """
 
@@ -310,6 +311,11 @@ def phase_weights(weight):
 _GEMM_MAX_ROWS = 64  # output positions (batch x pixels) up to which a convolution runs as one matmul
 
 
+def gemm_layout(w):
+    """A convolution weight [K, C, kh, kw] as `gemm_conv` takes it: [K, kh * kw * C], contiguous."""
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()
+
+
 def gemm_conv(x, w, k, stride, padding, bias=None, residual=None):
     """conv2d(x, weight) (+ bias) (+ residual) as one matmul, for x [N, C, H, W] and w = the weight
     [K, C, kh, kw] laid out as [K, kh * kw * C]: [N, K, Ho, Wo].
@@ -374,20 +380,23 @@ class Conv2d(DerivedCache, nn.Conv2d):
     _wino = None  # (key of the weight it was made from, winograd_weight(weight))
     _gemm = None  # (key of the weight it was made from, the weight as [out, kh * kw * in] for gemm_conv)
     _phases = None  # (key of the weight it was made from and the path, the four phase kernels for `upsampled`)
+    # each is kept by `_derived_weight`
 
-    def _weight_key(self):
-        return tensor_key(self.weight)
+    def _derived_weight(self, name, make, variant=None):
+        """The weight in another form, kept in attribute `name` as (key, value) and made again by
+        `make()` when the weight (or `variant`, what else the form depends on) has changed."""
+        key = (tensor_key(self.weight), variant)
+        cached = getattr(self, name)
+        if cached is None or cached[0] != key:
+            setattr(self, name, None)  # release the old copy before making the new one
+            setattr(self, name, (key, make()))
+            release_file_pages(self.weight)  # the plain copy is not read again: no need to keep it resident
+        return getattr(self, name)[1]
 
     def packed_weight(self, x):
-        key = self._weight_key()
-        if self._packed is None or self._packed[0] != key:
-            self._packed = None  # release the old copy before making the new one
-            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                self.weight.to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
-                list(x.shape))
-            self._packed = (key, packed)
-            release_file_pages(self.weight)  # the plain copy is not read again: no need to keep it resident
-        return self._packed[1]
+        return self._derived_weight("_packed", lambda: torch._C._nn.mkldnn_reorder_conv2d_weight(
+            self.weight.to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
+            list(x.shape)))
 
     def winograd_ok(self, x):
         """True when this call takes `winograd_conv3x3` (see the module docstring for when it pays)."""
@@ -406,7 +415,7 @@ class Conv2d(DerivedCache, nn.Conv2d):
             return self(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         N, _, H, W = x.shape
         gemm = N * H * W <= _GEMM_MAX_ROWS
-        weights = self.phase_weights(gemm, x)
+        weights = self.phase_kernels(gemm, x)
         xp = F.pad(x, (1, 1, 1, 1))
         # Channels-last, like the oneDNN convolutions' own outputs: the phases interleave in runs of
         # K channels, and the next layers get the layout they run in (an NCHW map costs them a copy).
@@ -421,23 +430,18 @@ class Conv2d(DerivedCache, nn.Conv2d):
                 out[:, :, a, :, b] = y.permute(0, 2, 3, 1)  # output rows 2i + a, columns 2j + b
         return out.view(N, 2 * H, 2 * W, self.out_channels).permute(0, 3, 1, 2)  # (N, K, 2H, 2W), channels-last
 
-    def phase_weights(self, gemm, x):
+    def phase_kernels(self, gemm, x):
         """The four 2x2 phase kernels (`phase_weights`), kept in the form the call takes: laid out for
         `gemm_conv`, or reordered for oneDNN's convolution (no plain copy kept)."""
-        key = (self._weight_key(), gemm)
-        if self._phases is None or self._phases[0] != key:
-            self._phases = None
-            N, C, H, W = x.shape
-            made = []
-            for w in phase_weights(self.weight):
-                if gemm:
-                    made.append(w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous())
-                else:
-                    made.append(torch._C._nn.mkldnn_reorder_conv2d_weight(
-                        w.to_mkldnn(), [0, 0], [1, 1], [1, 1], 1, [N, C, H + 1, W + 1]))
-            self._phases = (key, made)
-            release_file_pages(self.weight)
-        return self._phases[1]
+        N, C, H, W = x.shape
+
+        def make():
+            if gemm:
+                return [gemm_layout(w) for w in phase_weights(self.weight)]
+            return [torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), [0, 0], [1, 1], [1, 1], 1, [N, C, H + 1, W + 1])
+                    for w in phase_weights(self.weight)]
+
+        return self._derived_weight("_phases", make, variant=gemm)
 
     def gemm_ok(self, x):
         """True when this call takes `gemm_conv`: a kxk convolution (k > 1) with few output positions."""
@@ -445,21 +449,10 @@ class Conv2d(DerivedCache, nn.Conv2d):
                 and x.shape[0] * math.prod(self._output_size(x)) <= _GEMM_MAX_ROWS)
 
     def gemm_weight(self):
-        key = self._weight_key()
-        if self._gemm is None or self._gemm[0] != key:
-            self._gemm = None
-            w = self.weight.detach()
-            self._gemm = (key, w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous())
-            release_file_pages(self.weight)
-        return self._gemm[1]
+        return self._derived_weight("_gemm", lambda: gemm_layout(self.weight.detach()))
 
     def winograd_weight(self):
-        key = self._weight_key()
-        if self._wino is None or self._wino[0] != key:
-            self._wino = None
-            self._wino = (key, winograd_weight(self.weight.detach()))
-            release_file_pages(self.weight)
-        return self._wino[1]
+        return self._derived_weight("_wino", lambda: winograd_weight(self.weight.detach()))
 
     def forward(self, x, residual=None, shift=None):
         """conv(x) (+ residual) (+ shift[n, c] on every pixel of sample n, channel c).

@@ -46,6 +46,12 @@ def timestep_embedding(t, dim, max_period=10000):
     return emb
 
 
+def fan_out(t, k):
+    """t repeated k times along the batch, [t, t, ...]: each latent under k contexts. (`cat` keeps the
+    memory layout, channels-last included; `repeat` would make an NCHW copy.)"""
+    return torch.cat([t] * k) if k > 1 else t
+
+
 # ----------------------------------------------------------------------------- attention
 
 
@@ -123,7 +129,7 @@ class BasicTransformerBlock(nn.Module):
     def forward(self, x, context=None):
         x = self.attn1(self.norm1(x), residual=x)  # x + attn1(norm1(x))
         if context is not None and context.shape[0] != x.shape[0]:  # each latent under k contexts: fan out here
-            x = torch.cat([x] * (context.shape[0] // x.shape[0]))  # (k*B, N, C)
+            x = fan_out(x, context.shape[0] // x.shape[0])  # (k*B, N, C)
         x = self.attn2(self.norm2(x), context=context, residual=x)
         return self.ff(self.norm3(x), residual=x)
 
@@ -148,8 +154,7 @@ class SpatialTransformer(nn.Module):
         for block in self.transformer_blocks:
             h = block(h, context=context)
         h = h.transpose(1, 2).reshape(h.shape[0], -1, H, W)  # (B, inner, H, W); k*B once fanned out
-        if h.shape[0] != B:
-            x = torch.cat([x] * (h.shape[0] // B))  # (cat keeps the memory layout; repeat would not)
+        x = fan_out(x, h.shape[0] // B)  # the residual follows a fan-out inside the blocks
         return self.proj_out(h, residual=x)  # proj_out(h) + x
 
 
@@ -326,14 +331,11 @@ class UNetModel(nn.Module):
         skips = []
         for block in self.input_blocks:
             h = block(h, emb, context)
-            if h.shape[0] != emb.shape[0]:  # the block fanned out to the contexts: so do the rest
-                k = h.shape[0] // emb.shape[0]
-                emb = torch.cat([emb] * k)
-                skips = [torch.cat([s] * k) for s in skips]
+            k = h.shape[0] // emb.shape[0]  # > 1 once the block fanned out to the contexts: so do the rest
+            emb, skips = fan_out(emb, k), [fan_out(s, k) for s in skips]
             skips.append(h)
-        if h.shape[0] != context.shape[0]:  # no cross-attention among the input blocks
-            k = context.shape[0] // h.shape[0]
-            h, emb, skips = torch.cat([h] * k), torch.cat([emb] * k), [torch.cat([s] * k) for s in skips]
+        k = context.shape[0] // h.shape[0]  # > 1 when no input block had a cross-attention
+        h, emb, skips = fan_out(h, k), fan_out(emb, k), [fan_out(s, k) for s in skips]
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
