@@ -40,7 +40,7 @@ from .checkpoint import CheckpointError, load_model
 from .config import load_config
 from .defaults import DEFAULT_CKPT, DEFAULT_CONFIG, DEFAULT_PROMPT
 from .prompt import encode_weighted, pad_chunks, tokenize_weighted
-from .samplers import cfg_denoiser, get_sampler
+from .samplers import cfg_denoiser, check_eta, get_sampler
 from .samplers import sample as run_sampler
 
 log = logging.getLogger(__name__)
@@ -233,11 +233,7 @@ class Options:
         for name in ("H", "W"):
             if getattr(self, name) % self.f:
                 raise ValueError(f"--{name} must be a multiple of --f ({self.f}), got {getattr(self, name)}")
-        if self.eta is not None and self.eta < 0:
-            raise ValueError(f"--ddim_eta must not be negative, got {self.eta}")
-        if self.eta and not sampler.stochastic and sampler.name != "ddim":
-            raise ValueError(f"sampler {sampler.name!r} is deterministic: "
-                             "--ddim_eta applies to ddim and the ancestral samplers")
+        check_eta(sampler.name, self.eta)
         if model is not None:
             if self.C != model.channels:
                 raise ValueError(f"--C {self.C}: this model has {model.channels} latent channels")
@@ -407,7 +403,8 @@ class Txt2Img:
                         callback(i, x_t, x0_pred)
 
                 z = run_sampler(opts.sampler, eps_fn, x_T, self.model.alphas_cumprod, opts.steps,
-                                generator=generator, callback=step, eta=opts.eta)
+                                generator=generator, callback=step, eta=opts.eta,
+                                parameterization=getattr(self.model, "parameterization", "eps"))
                 for j, pos in enumerate(run):
                     latents[pos] = z[j]
             if opts.batched:

@@ -131,7 +131,7 @@ def test_every_sampler_in_float32(name, steps):
     calls = []
     out = sample(name, eps_fn, x_T, AC, steps, generator=generator(), callback=lambda *a: calls.append(a))
     assert out.dtype == torch.float32 and out.shape == x_T.shape and torch.isfinite(out).all()
-    assert len(model.batch_sizes) == get_sampler(name).model_evals(steps)
+    assert len(model.batch_sizes) == model_evaluations(name, steps)
     assert set(model.batch_sizes) == {4}  # guided: one pass of (uncond, cond) per evaluation
     assert [c[0] for c in calls] == list(range(steps))
     assert all(c[1].shape == x_T.shape and c[2].shape == x_T.shape for c in calls)
@@ -144,10 +144,20 @@ def test_every_sampler_in_float32(name, steps):
         assert (last_x0 - out).abs().max() < 0.1 * (first_x0 - out).abs().max()
 
 
-def test_model_evaluations_per_step():
-    assert get_sampler("heun").evals_per_step == 2 and get_sampler("heun").model_evals(10) == 19
-    assert get_sampler("plms").model_evals(50) == 51  # the warm-up's second evaluation
-    assert get_sampler("ddim").model_evals(50) == 50 and get_sampler("dpm_solver").model_evals(50) == 50
+def model_evaluations(name: str, steps: int) -> int:
+    """Guided model evaluations of a run: Heun evaluates twice per step except into sigma 0, PLMS once
+    more in its warm-up, every other sampler once per step."""
+    if name.startswith("heun"):
+        return 2 * steps - 1
+    return steps + (name == "plms")
+
+
+@pytest.mark.parametrize("name,steps,evaluations", [("heun", 10, 19), ("heun_karras", 3, 5), ("plms", 50, 51),
+                                                    ("ddim", 50, 50), ("dpm_solver", 50, 50), ("euler", 7, 7)])
+def test_model_evaluations_per_run(name, steps, evaluations):
+    model, eps_fn, x_T = setup()
+    sample(name, eps_fn, x_T, AC, steps, generator=generator())
+    assert len(model.batch_sizes) == evaluations == model_evaluations(name, steps)
 
 
 @pytest.mark.parametrize("name", ["ddim", "plms"])

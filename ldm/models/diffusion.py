@@ -7,9 +7,10 @@ Submodules sit under the checkpoint names `model.diffusion_model`, `first_stage_
 
 import logging
 
-import numpy as np
 import torch
 from torch import nn
+
+from ..samplers.schedule import schedule_buffers
 
 log = logging.getLogger(__name__)
 
@@ -41,33 +42,6 @@ TRAINING_ONLY_PARAMS = (
     "cond_stage_forward", "concat_mode", "image_size", "clip_denoised", "v_posterior", "given_betas",
     "cosine_s", "conditioning_key_drop", "scale_by_std", "load_ema", "unet_trainable", "embedding_reg_weight",
 )
-
-
-def scaled_linear_schedule(linear_start, linear_end, timesteps):
-    """The original's "linear" schedule: linear in sqrt(beta). Returns float64 numpy betas."""
-    return np.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=np.float64) ** 2
-
-
-def schedule_buffers(betas):
-    """All derived schedule quantities (float64 numpy), as the original's register_schedule."""
-    alphas = 1.0 - betas
-    ac = np.cumprod(alphas)
-    ac_prev = np.append(1.0, ac[:-1])
-    post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
-    return {
-        "betas": betas,
-        "alphas_cumprod": ac,
-        "alphas_cumprod_prev": ac_prev,
-        "sqrt_alphas_cumprod": np.sqrt(ac),
-        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
-        "log_one_minus_alphas_cumprod": np.log(1.0 - ac),
-        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
-        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1),
-        "posterior_variance": post_var,
-        "posterior_log_variance_clipped": np.log(np.maximum(post_var, 1e-20)),
-        "posterior_mean_coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
-        "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
-    }
 
 
 class DiffusionWrapper(nn.Module):
@@ -113,9 +87,8 @@ class LatentDiffusion(nn.Module):
 
     def reset_schedule(self, device=None):
         """(Re)compute the schedule buffers from the config, in float32 like the original."""
-        betas = scaled_linear_schedule(self.linear_start, self.linear_end, self.num_timesteps)
-        for name, value in schedule_buffers(betas).items():
-            self.register_buffer(name, torch.tensor(value, dtype=torch.float32, device=device))
+        for name, value in schedule_buffers(self.linear_start, self.linear_end, self.num_timesteps).items():
+            self.register_buffer(name, value.to(device=device, dtype=torch.float32))
 
     @property
     def device(self):

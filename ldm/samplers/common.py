@@ -1,4 +1,4 @@
-"""Small pieces every sampler uses: the model's time argument, the sampler's noise, the eta check."""
+"""Small pieces every sampler uses: the model's time argument and the sampler's noise."""
 
 import torch
 
@@ -20,8 +20,3 @@ def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32)
     return noise.to(device=x.device, dtype=x.dtype)
 
-
-def check_no_eta(name: str, eta: float | None) -> None:
-    """Deterministic samplers accept eta only as None or 0, so a stray value is an error, not silently ignored."""
-    if eta:
-        raise ValueError(f"sampler {name!r} is deterministic; eta={eta} applies to 'ddim' and the ancestral samplers")

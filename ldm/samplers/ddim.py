@@ -10,6 +10,7 @@ import torch
 
 from . import schedule
 from .common import randn_like, time_tensor
+from .parameterization import check_parameterization, eps_and_x0
 
 
 def _ddim_coefficients(alphas_cumprod, steps: int, eta: float):
@@ -22,53 +23,59 @@ def _ddim_coefficients(alphas_cumprod, steps: int, eta: float):
     return list(zip(ts.tolist(), a.tolist(), a_prev.tolist(), sigma.tolist()))
 
 
-def _ddim_step(x, eps, a_t, a_prev, sigma_t, noise=None):
-    """One DDIM update x_t -> x_{t_prev}; returns (x_prev, pred_x0) (Song et al. 2021, eq. 12)."""
-    pred_x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+def _ddim_step(eps, pred_x0, a_prev, sigma_t, noise=None):
+    """One DDIM update to x_{t_prev} from the predicted noise and clean latent (Song et al. 2021, eq. 12)."""
     x_prev = math.sqrt(a_prev) * pred_x0 + math.sqrt(max(1 - a_prev - sigma_t**2, 0.0)) * eps
     if noise is not None:
         x_prev = x_prev + sigma_t * noise
-    return x_prev, pred_x0
+    return x_prev
 
 
-def sample_ddim(eps_fn, x_T, alphas_cumprod, steps, *, generator=None, callback=None, eta=None):
+def sample_ddim(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", generator=None, callback=None,
+                eta=None):
     """DDIM, deterministic at eta=0, ancestral-like noise for eta>0 (Song et al. 2021, arXiv:2010.02502)."""
+    check_parameterization(parameterization)
     eta = 0.0 if eta is None else float(eta)
     x = x_T
     for i, (t, a_t, a_prev, sigma_t) in enumerate(_ddim_coefficients(alphas_cumprod, steps, eta)):
-        eps = eps_fn(x, time_tensor(t, x))
+        eps, pred_x0 = eps_and_x0(model_fn(x, time_tensor(t, x)), x, a_t, parameterization)
         noise = randn_like(x, generator) if eta > 0 else None
-        x, pred_x0 = _ddim_step(x, eps, a_t, a_prev, sigma_t, noise)
+        x = _ddim_step(eps, pred_x0, a_prev, sigma_t, noise)
         if callback is not None:
             callback(i, x, pred_x0)
     return x
 
 
-def sample_plms(eps_fn, x_T, alphas_cumprod, steps, *, generator=None, callback=None, eta=None):
+def sample_plms(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", generator=None, callback=None):
     """Pseudo linear multistep as the CompVis PLMSSampler (PNDM, Liu et al. 2022, arXiv:2202.09778, eq. 12).
 
     The first step warms up with a pseudo improved Euler step: a DDIM step with eps(x, t), a second
     evaluation at the next timestep from that result, then the real step with the average of the two.
     Later steps combine the current eps with up to three stored ones (Adams-Bashforth, orders 2 to 4).
+    A v model's output is turned into eps at each evaluation's own x_t and a_t.
     """
-    if eta:
-        raise ValueError("PLMS is deterministic: eta must be 0")
+    check_parameterization(parameterization)
     coeffs = _ddim_coefficients(alphas_cumprod, steps, 0.0)
+
+    def eps_at(x, t, a_t):
+        return eps_and_x0(model_fn(x, time_tensor(t, x)), x, a_t, parameterization)[0]
+
     x = x_T
-    old_eps = []  # model outputs eps(x_t, t) of the previous steps, oldest first
+    old_eps = []  # eps(x_t, t) of the previous steps, oldest first
     for i, (t, a_t, a_prev, _) in enumerate(coeffs):
-        eps = eps_fn(x, time_tensor(t, x))
+        eps = eps_at(x, t, a_t)
         if len(old_eps) == 0:
-            t_next = coeffs[min(i + 1, len(coeffs) - 1)][0]  # the original's t_next: itself at the last step
-            x_next, _ = _ddim_step(x, eps, a_t, a_prev, 0.0)
-            eps_prime = (eps + eps_fn(x_next, time_tensor(t_next, x))) / 2
+            t_next, a_next = coeffs[min(i + 1, len(coeffs) - 1)][:2]  # the original's t_next: itself at the last step
+            x_next = _ddim_step(*eps_and_x0(eps, x, a_t), a_prev, 0.0)
+            eps_prime = (eps + eps_at(x_next, t_next, a_next)) / 2
         elif len(old_eps) == 1:
             eps_prime = (3 * eps - old_eps[-1]) / 2
         elif len(old_eps) == 2:
             eps_prime = (23 * eps - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
         else:
             eps_prime = (55 * eps - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
-        x, pred_x0 = _ddim_step(x, eps_prime, a_t, a_prev, 0.0)
+        eps_prime, pred_x0 = eps_and_x0(eps_prime, x, a_t)
+        x = _ddim_step(eps_prime, pred_x0, a_prev, 0.0)
         old_eps = (old_eps + [eps])[-3:]
         if callback is not None:
             callback(i, x, pred_x0)

@@ -1,9 +1,9 @@
-"""The k-diffusion family over the discrete v1 schedule: LMS, Euler, Euler ancestral, Heun, DPM++ 2M.
+"""The k-diffusion family over the discrete schedule: LMS, Euler, Euler ancestral, Heun, DPM-Solver++(2M).
 
 The solvers below work in the variance-exploding parameterisation: a denoiser D(x, sigma) -> x_0 and a
-decreasing list of noise levels ending in 0. The `sample_*` entry points wrap the eps model as a denoiser,
-pick the noise levels (diffusers' "linspace" spacing, or Karras et al.'s), scale the standard normal
-start noise by sigma_max, and report latents to the callback in the model's variance-preserving scale.
+decreasing list of noise levels. The `sample_*` entry points wrap the model (eps or v) as a denoiser, pick
+the noise levels (see `SPACINGS`), scale the standard normal start noise, and report latents to the callback
+(and return the result) in the model's variance-preserving scale.
 """
 
 import math
@@ -12,15 +12,19 @@ from functools import partial
 from numpy.polynomial import Polynomial
 
 from . import schedule
-from .common import check_no_eta, randn_like, time_tensor
+from .common import randn_like, time_tensor
+from .parameterization import check_parameterization, denoiser_scalings
 
 
-def discrete_denoiser(eps_fn, sigma_to_t):
-    """x_0 = x - sigma * eps(x / sqrt(sigma^2 + 1), t(sigma)), k-diffusion's discrete eps wrapper (Karras et al. 2022, Table 1)."""
+def discrete_denoiser(model_fn, sigma_to_t, parameterization="eps"):
+    """D(x, sigma) = c_skip x + c_out model(x / sqrt(sigma^2 + 1), t(sigma)), k-diffusion's discrete-time wrapper
+    (for eps, x - sigma * eps; Karras et al. 2022, Table 1)."""
+    check_parameterization(parameterization)
 
     def denoise(x, sigma):
         t = time_tensor(sigma_to_t(sigma), x)
-        return x - sigma * eps_fn(x / math.sqrt(sigma**2 + 1), t)
+        c_skip, c_out = denoiser_scalings(sigma, parameterization)
+        return c_skip * x + c_out * model_fn(x / math.sqrt(sigma**2 + 1), t)
 
     return denoise
 
@@ -98,19 +102,20 @@ def lms(denoise, x, sigmas, *, order=4, callback=None):
     return x
 
 
-def dpmpp_2m(denoise, x, sigmas, *, callback=None):
-    """DPM-Solver++(2M) in log-sigma time, first order on the first step and into sigma 0 (Lu et al. 2022, arXiv:2211.01095)."""
+def dpmpp_2m(denoise, x, sigmas, *, lower_order_final=False, callback=None):
+    """DPM-Solver++(2M) in log-sigma time (Lu et al. 2022, arXiv:2211.01095, Algorithm 2): first order on the
+    first step, into sigma 0, and on the last step when `lower_order_final`."""
     old_denoised = None  # the multistep history
     for i in range(len(sigmas) - 1):
         denoised = denoise(x, sigmas[i])
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            h = math.log(sigmas[i] / sigmas[i + 1])
-            d = denoised
-            if old_denoised is not None:
+            h = math.log(sigmas[i] / sigmas[i + 1])  # the step in lambda = -log sigma, the half log-SNR
+            d = denoised  # DPM-Solver++(1), i.e. DDIM
+            if old_denoised is not None and not (lower_order_final and i == len(sigmas) - 2):
                 r = math.log(sigmas[i - 1] / sigmas[i]) / h
-                d = denoised + (denoised - old_denoised) / (2 * r)
+                d = denoised + (denoised - old_denoised) / (2 * r)  # D_i of Algorithm 2
             x = (sigmas[i + 1] / sigmas[i]) * x - math.expm1(-h) * d
         old_denoised = denoised
         if callback is not None:
@@ -118,18 +123,26 @@ def dpmpp_2m(denoise, x, sigmas, *, callback=None):
     return x
 
 
-def _run(solver, eps_fn, x_T, alphas_cumprod, steps, karras, callback, **kwargs):
-    """The common entry: noise levels and denoiser for the discrete schedule, then `solver` from sigma_max to 0."""
+# Noise levels: name -> (levels(train_sigmas, steps), the space t(sigma) inverts, start-noise scale(sigma_max)).
+SPACINGS = {
+    # diffusers' "linspace" spacing; t(sigma) the exact inverse of how the levels were interpolated:
+    # t = 999, 946.42..., ...; k-diffusion's start noise x_T * sigma_max.
+    "linspace": (schedule.linspace_sigmas, "linear", lambda s: s),
+    # Karras et al. (2022); t(sigma) in log-sigma as k-diffusion and diffusers do for these levels.
+    "karras": (lambda train, n: schedule.karras_sigmas(n, train[0], train[-1]), "log", lambda s: s),
+    # The original --dpm_solver: uniform in t from 999 down to 0 (sigma_min, no final denoising), starting
+    # from x_T itself in the variance-preserving scale.
+    "time_uniform": (schedule.time_uniform_sigmas, "vp", lambda s: math.sqrt(s**2 + 1)),
+}
+
+
+def _run(solver, model_fn, x_T, alphas_cumprod, steps, spacing, parameterization, callback, **kwargs):
+    """The common entry: noise levels and denoiser for the discrete schedule, then `solver` from sigma_max down."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    levels, space, start_scale = SPACINGS[spacing]
     train_sigmas = schedule.sigmas_from_alphas_cumprod(alphas_cumprod)
-    if karras:
-        sigmas = schedule.karras_sigmas(steps, train_sigmas[0], train_sigmas[-1])
-        space = "log"  # t(sigma) as k-diffusion and diffusers do for Karras levels
-    else:
-        sigmas = schedule.linspace_sigmas(train_sigmas, steps)
-        space = "linear"  # the exact inverse of how the levels were interpolated: t = 999, 946.42..., ...
-    sigmas = sigmas.tolist()
+    sigmas = levels(train_sigmas, steps).tolist()
 
     def sigma_to_t(sigma):
         return schedule.sigma_to_t(sigma, train_sigmas, space).item()
@@ -140,38 +153,48 @@ def _run(solver, eps_fn, x_T, alphas_cumprod, steps, karras, callback, **kwargs)
         def vp_callback(i, x, denoised):
             callback(i, x / math.sqrt(sigmas[i + 1] ** 2 + 1), denoised)
 
-    denoise = discrete_denoiser(eps_fn, sigma_to_t)
-    return solver(denoise, x_T * sigmas[0], sigmas, callback=vp_callback, **kwargs)
+    denoise = discrete_denoiser(model_fn, sigma_to_t, parameterization)
+    x = solver(denoise, x_T * start_scale(sigmas[0]), sigmas, callback=vp_callback, **kwargs)
+    return x / math.sqrt(sigmas[-1] ** 2 + 1)
 
 
-def sample_euler(eps_fn, x_T, alphas_cumprod, steps, *, generator=None, callback=None, eta=None, karras=False):
-    """Euler (Karras et al. 2022) on the discrete v1 schedule."""
-    check_no_eta("euler", eta)
-    return _run(euler, eps_fn, x_T, alphas_cumprod, steps, karras, callback)
+def sample_euler(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None, karras=False):
+    """Euler (Karras et al. 2022) on the discrete schedule."""
+    return _run(euler, model_fn, x_T, alphas_cumprod, steps, "karras" if karras else "linspace", parameterization,
+                callback)
 
 
-def sample_euler_ancestral(eps_fn, x_T, alphas_cumprod, steps, *, generator=None, callback=None, eta=None, karras=False):
-    """Euler ancestral (k-diffusion) on the discrete v1 schedule; eta scales the fresh noise (default 1)."""
+def sample_euler_ancestral(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", generator=None,
+                           callback=None, eta=None, karras=False):
+    """Euler ancestral (k-diffusion) on the discrete schedule; eta scales the fresh noise (default 1)."""
     eta = 1.0 if eta is None else float(eta)
-    return _run(euler_ancestral, eps_fn, x_T, alphas_cumprod, steps, karras, callback, generator=generator, eta=eta)
+    return _run(euler_ancestral, model_fn, x_T, alphas_cumprod, steps, "karras" if karras else "linspace",
+                parameterization, callback, generator=generator, eta=eta)
 
 
-def sample_heun(eps_fn, x_T, alphas_cumprod, steps, *, generator=None, callback=None, eta=None, karras=False):
-    """Heun (Karras et al. 2022) on the discrete v1 schedule: 2 model evaluations per step, 1 on the last."""
-    check_no_eta("heun", eta)
-    return _run(heun, eps_fn, x_T, alphas_cumprod, steps, karras, callback)
+def sample_heun(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None, karras=False):
+    """Heun (Karras et al. 2022) on the discrete schedule: 2 model evaluations per step, 1 on the last."""
+    return _run(heun, model_fn, x_T, alphas_cumprod, steps, "karras" if karras else "linspace", parameterization,
+                callback)
 
 
-def sample_lms(eps_fn, x_T, alphas_cumprod, steps, *, generator=None, callback=None, eta=None, karras=False):
-    """Linear multistep, order 4 (k-diffusion) on the discrete v1 schedule."""
-    check_no_eta("lms", eta)
-    return _run(lms, eps_fn, x_T, alphas_cumprod, steps, karras, callback)
+def sample_lms(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None, karras=False):
+    """Linear multistep, order 4 (k-diffusion) on the discrete schedule."""
+    return _run(lms, model_fn, x_T, alphas_cumprod, steps, "karras" if karras else "linspace", parameterization,
+                callback)
 
 
-def sample_dpmpp_2m(eps_fn, x_T, alphas_cumprod, steps, *, generator=None, callback=None, eta=None, karras=False):
-    """DPM-Solver++(2M) (Lu et al. 2022) on the k-diffusion sigma schedule of the discrete v1 model."""
-    check_no_eta("dpmpp_2m", eta)
-    return _run(dpmpp_2m, eps_fn, x_T, alphas_cumprod, steps, karras, callback)
+def sample_dpmpp_2m(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None, karras=False):
+    """DPM-Solver++(2M) (Lu et al. 2022) on the k-diffusion noise levels, into sigma 0."""
+    return _run(dpmpp_2m, model_fn, x_T, alphas_cumprod, steps, "karras" if karras else "linspace",
+                parameterization, callback)
+
+
+def sample_dpm_solver(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None):
+    """DPM-Solver++(2M) as the original `--dpm_solver` flag: time-uniform steps from t = 999 to t = 0, the
+    latent at t = 0 as the result, and (as its lower_order_final) a first-order last step below 15 steps."""
+    return _run(dpmpp_2m, model_fn, x_T, alphas_cumprod, steps, "time_uniform", parameterization, callback,
+                lower_order_final=steps < 15)
 
 
 sample_euler_karras = partial(sample_euler, karras=True)
