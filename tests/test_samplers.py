@@ -1,14 +1,18 @@
-"""Samplers without a reference implementation: schedules, step counts, guidance, noise, registry, callbacks."""
+"""Samplers without a reference implementation: schedules, step counts, guidance, noise, registry, callbacks,
+the model parameterisation."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from ldm.samplers import SAMPLERS, get_sampler, sample, schedule
+from ldm.models.diffusion import SCHEDULE_BUFFERS
+from ldm.samplers import PARAMETERIZATIONS, SAMPLERS, check_eta, get_sampler, sample, schedule
 from ldm.samplers.common import randn_like
 from ldm.samplers.guidance import cfg_denoiser
-from ldm.samplers.k_samplers import euler_ancestral, lms_coefficient
+from ldm.samplers.k_samplers import discrete_denoiser, euler_ancestral, lms_coefficient
+from ldm.samplers.parameterization import denoiser_scalings, eps_and_x0
 
 AC = schedule.make_alphas_cumprod().float()  # as the model's float32 buffer
 
@@ -53,6 +57,40 @@ def test_alphas_cumprod_is_the_scaled_linear_schedule():
     assert ac[-1].item() == pytest.approx(0.00466010, rel=1e-6)  # golden
 
 
+def original_register_schedule(linear_start, linear_end, timesteps):
+    """The original's register_schedule ('linear' betas), float64 numpy, then float32 as its buffers."""
+    betas = np.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=np.float64) ** 2
+    alphas = 1.0 - betas
+    ac = np.cumprod(alphas, axis=0)
+    ac_prev = np.append(1.0, ac[:-1])
+    var = betas * (1.0 - ac_prev) / (1.0 - ac)
+    values = [betas, ac, ac_prev, np.sqrt(ac), np.sqrt(1.0 - ac), np.log(1.0 - ac), np.sqrt(1.0 / ac),
+              np.sqrt(1.0 / ac - 1), var, np.log(np.maximum(var, 1e-20)), betas * np.sqrt(ac_prev) / (1.0 - ac),
+              (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)]
+    return [torch.tensor(v, dtype=torch.float32) for v in values]
+
+
+@pytest.mark.parametrize("args", [(0.00085, 0.012, 1000), (0.0001, 0.02, 1000), (0.0015, 0.0195, 250)])
+def test_schedule_buffers_are_the_originals_bit_for_bit(args):
+    """One schedule for the model and the samplers: the model's float32 buffers equal the original's
+    (float64 numpy, then float32) bit for bit, under the original's names and in its order."""
+    buffers = schedule.schedule_buffers(*args)
+    assert tuple(buffers) == SCHEDULE_BUFFERS
+    for (name, ours), theirs in zip(buffers.items(), original_register_schedule(*args)):
+        assert ours.dtype == torch.float64 and torch.equal(ours.float(), theirs), name
+    torch.testing.assert_close(buffers["alphas_cumprod"], schedule.make_alphas_cumprod(*args), rtol=0, atol=0)
+
+
+def test_the_model_keeps_the_schedule_as_float32_buffers():
+    from helpers import tiny_config
+    from ldm.config import instantiate
+
+    model = instantiate(tiny_config()["model"])
+    for name, theirs in zip(SCHEDULE_BUFFERS, original_register_schedule(0.00085, 0.012, 1000)):
+        buffer = getattr(model, name)
+        assert buffer.dtype == torch.float32 and torch.equal(buffer, theirs), name
+
+
 def test_ddim_timesteps_as_the_original_and_valid_for_every_count():
     assert schedule.ddim_timesteps(50).tolist() == list(range(1, 1000, 20))  # 1, 21, ..., 981
     assert schedule.ddim_timesteps(3).tolist() == [1, 334, 667]  # the original crashes here (index 1000)
@@ -71,14 +109,17 @@ def test_ddim_timesteps_as_the_original_and_valid_for_every_count():
 def test_sigma_t_conversions_are_inverse_and_agree_at_training_steps():
     sigmas = schedule.sigmas_from_alphas_cumprod(AC)
     t = torch.tensor([0.0, 0.25, 1.5, 52.5789, 500.0, 946.4211, 999.0], dtype=torch.float64)
-    for space in ("log", "linear"):
-        torch.testing.assert_close(schedule.sigma_to_t(schedule.t_to_sigma(t, sigmas, space), sigmas, space), t)
     whole = torch.arange(0.0, 1000.0, 37.0, dtype=torch.float64)
-    torch.testing.assert_close(schedule.t_to_sigma(whole, sigmas, "log"), sigmas[whole.long()])
-    torch.testing.assert_close(schedule.t_to_sigma(whole, sigmas, "linear"), sigmas[whole.long()])
+    for space in ("log", "linear", "vp"):
+        torch.testing.assert_close(schedule.sigma_to_t(schedule.t_to_sigma(t, sigmas, space), sigmas, space), t)
+        torch.testing.assert_close(schedule.t_to_sigma(whole, sigmas, space), sigmas[whole.long()])
     # k-diffusion's DiscreteSchedule: log-sigma is linear in t between training steps.
     mid = schedule.t_to_sigma(torch.tensor(10.5, dtype=torch.float64), sigmas)
     assert mid.item() == pytest.approx(math.sqrt(sigmas[10].item() * sigmas[11].item()), rel=1e-12)
+    # The original DPM-Solver's discrete schedule: log sqrt(a_t) is linear in t, so a_t is geometric.
+    ac = schedule.as_float64(AC)
+    a_mid = 1 / (1 + schedule.t_to_sigma(torch.tensor(10.5, dtype=torch.float64), sigmas, "vp") ** 2)
+    assert a_mid.item() == pytest.approx(math.sqrt(ac[10].item() * ac[11].item()), rel=1e-12)
     # Out of range: clamped to the ends.
     assert schedule.sigma_to_t(1e-6, sigmas).item() == 0.0 and schedule.sigma_to_t(1e6, sigmas).item() == 999.0
 
@@ -93,6 +134,13 @@ def test_karras_and_linspace_sigmas():
     lin = schedule.linspace_sigmas(sigmas, 20)
     assert len(lin) == 21 and lin[-1] == 0 and (lin.diff() < 0).all()
     assert lin[0] == sigmas[-1] and lin[-2] == sigmas[0]
+
+
+def test_time_uniform_sigmas_are_the_original_dpm_solver_times():
+    sigmas = schedule.sigmas_from_alphas_cumprod(AC)
+    levels = schedule.time_uniform_sigmas(sigmas, 9)
+    assert len(levels) == 10 and levels[-1] == sigmas[0] and levels[0] == pytest.approx(sigmas[-1].item(), rel=1e-12)
+    torch.testing.assert_close(levels, sigmas[list(range(999, -1, -111))], rtol=1e-12, atol=0)
 
 
 def test_lms_coefficients_integrate_polynomials_exactly():
@@ -218,8 +266,25 @@ def test_eta_is_refused_where_it_means_nothing():
     _, eps_fn, x_T = setup()
     for name in ("plms", "dpm_solver", "lms", "euler", "heun", "dpmpp_2m", "heun_karras"):
         sample(name, eps_fn, x_T, AC, 2, eta=0.0)  # the original's default --ddim_eta 0 is fine
-        with pytest.raises(ValueError, match="eta"):
+        with pytest.raises(ValueError, match=f"sampler '{name}' is deterministic: --ddim_eta applies to ddim"):
             sample(name, eps_fn, x_T, AC, 2, eta=0.5)
+        with pytest.raises(TypeError):  # the function itself takes no eta: nothing is silently ignored
+            get_sampler(name).fn(eps_fn, x_T, AC, 2, eta=0.5)
+
+
+def test_check_eta_is_the_one_eta_rule():
+    assert {n for n, s in SAMPLERS.items() if s.takes_eta} == {"ddim", "euler_a", "euler_a_karras"}
+    for name in SAMPLERS:
+        check_eta(name, None)
+        check_eta(name, 0.0)
+        with pytest.raises(ValueError, match="--ddim_eta must not be negative, got -0.5"):
+            check_eta(name, -0.5)
+    check_eta("ddim", 0.7)
+    check_eta("euler_a_karras", 0.3)
+    with pytest.raises(ValueError, match="sampler 'plms' is deterministic"):
+        check_eta("plms", 1.0)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        check_eta("k_euler", None)
 
 
 def test_ancestral_eta_zero_is_euler_and_draws_nothing():
@@ -340,3 +405,73 @@ def test_negative_prompt_changes_only_the_unconditional_branch():
 def test_guidance_needs_an_unconditional_embedding_above_scale_one():
     with pytest.raises(ValueError, match="unconditional"):
         cfg_denoiser(CountingModel(), torch.zeros(1, 3, 8), None, 7.5)
+
+
+# --- model parameterisation ---------------------------------------------------------------------------------
+
+
+def forward_process(alpha_bar, seed=12):
+    """x_0, eps, x_t = sqrt(a) x_0 + sqrt(1 - a) eps and v = sqrt(a) eps - sqrt(1 - a) x_0, float64."""
+    g = generator(seed)
+    x0, eps = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    a, b = math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
+    return x0, eps, a * x0 + b * eps, a * eps - b * x0
+
+
+@pytest.mark.parametrize("t", [0, 1, 250, 981, 999])
+def test_eps_and_x0_invert_the_forward_process(t):
+    alpha_bar = schedule.make_alphas_cumprod()[t].item()
+    x0, eps, x_t, v = forward_process(alpha_bar)
+    for parameterization, output in (("eps", eps), ("v", v)):
+        got_eps, got_x0 = eps_and_x0(output, x_t, alpha_bar, parameterization)
+        torch.testing.assert_close(got_eps, eps, rtol=0, atol=1e-12)
+        # x_0 from eps divides by sqrt(a_t) (0.068 at t = 999): rounding grows by as much.
+        torch.testing.assert_close(got_x0, x0, rtol=0, atol=1e-12 / math.sqrt(alpha_bar))
+
+
+@pytest.mark.parametrize("sigma", [0.03, 1.0, 14.6])
+def test_denoiser_scalings_recover_x0_in_the_variance_exploding_scale(sigma):
+    alpha_bar = 1 / (sigma**2 + 1)
+    x0, eps, x_t, v = forward_process(alpha_bar)
+    x = x_t / math.sqrt(alpha_bar)  # = x_0 + sigma * eps
+    torch.testing.assert_close(x, x0 + sigma * eps, rtol=0, atol=1e-12)
+    for parameterization, output in (("eps", eps), ("v", v)):
+        c_skip, c_out = denoiser_scalings(sigma, parameterization)
+        torch.testing.assert_close(c_skip * x + c_out * output, x0, rtol=0, atol=1e-12)
+        seen = []
+        denoise = discrete_denoiser(lambda x_in, t: seen.append(x_in) or output, lambda s: 0.0, parameterization)
+        torch.testing.assert_close(denoise(x, sigma), x0, rtol=0, atol=1e-12)
+        torch.testing.assert_close(seen[0], x_t, rtol=0, atol=1e-12)  # the model sees the variance-preserving x_t
+
+
+def test_unknown_parameterization_is_refused():
+    assert PARAMETERIZATIONS == ("eps", "v")
+    _, eps_fn, x_T = setup()
+    for name in SAMPLERS:
+        with pytest.raises(ValueError, match="parameterization must be one of eps, v, got 'x0'"):
+            sample(name, eps_fn, x_T, AC, 2, generator=generator(), parameterization="x0")
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_a_v_model_samples_as_the_eps_model_it_implies(name):
+    """The same denoising field given as v or as eps: every sampler gives the same latents (up to rounding)
+    whichever the model predicts. Exact v <-> eps at any (fractional) time: the field is built from a_t(t)."""
+    sigmas = schedule.sigmas_from_alphas_cumprod(AC)
+    space = {"ddim": "linear", "plms": "linear", "dpm_solver": "vp"}.get(name, "log" if "karras" in name else "linear")
+
+    def alpha_bar(t):  # a_t at the sampler's own (possibly fractional) times, as it interpolates them
+        return (1 / (1 + schedule.t_to_sigma(t.double(), sigmas, space) ** 2))[:, None, None, None]
+
+    def eps_model(x, t):
+        a = alpha_bar(t)
+        return (1 - a).sqrt() * (x - a.sqrt() * 0.3) / (0.25 * a + 1 - a) + 0.05 * torch.tanh(x)
+
+    def v_model(x, t):
+        a = alpha_bar(t)
+        eps = eps_model(x, t)
+        return a.sqrt() * eps - (1 - a).sqrt() * (x - (1 - a).sqrt() * eps) / a.sqrt()
+
+    x_T = torch.randn(2, 4, 8, 8, generator=generator(4), dtype=torch.float64)
+    ours_eps = sample(name, eps_model, x_T, AC, 6, generator=generator(5))
+    ours_v = sample(name, v_model, x_T, AC, 6, generator=generator(5), parameterization="v")
+    torch.testing.assert_close(ours_v, ours_eps, rtol=1e-9, atol=1e-9)
