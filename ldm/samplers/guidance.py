@@ -1,4 +1,8 @@
-"""Classifier-free guidance as a wrapper turning eps_model(x, t, cond) into the samplers' eps_fn(x, t)."""
+"""Classifier-free guidance as a wrapper turning eps_model(x, t, cond) into the samplers' model_fn(x, t).
+
+The model may predict v instead of eps: v and eps are affine in each other with the same x_t for both
+branches, so guiding v then converting equals converting then guiding (diffusers and Stability guide v).
+"""
 
 import torch
 
