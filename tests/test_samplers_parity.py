@@ -71,7 +71,7 @@ class TinyEpsNet(nn.Module):
 
 
 def analytic_v_model():
-    """The v of analytic_eps_model's Gaussian data, v = sqrt(a) eps - sqrt(1 - a) x_0, plus a nonlinearity of its own."""
+    """The v = sqrt(a) eps - sqrt(1 - a) x_0 of analytic_eps_model's Gaussian data, plus a nonlinearity of its own."""
     ac = schedule.make_alphas_cumprod()
 
     def v_model(x, t, cond):
@@ -80,7 +80,8 @@ def analytic_v_model():
         mu = cond.mean(dim=(1, 2))[:, None, None, None].to(x)
         x0 = (0.25 * a.sqrt() * x + (1 - a) * mu) / (0.25 * a + 1 - a)  # E[x_0 | x_t]
         eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
-        return a.sqrt() * eps - (1 - a).sqrt() * x0 + 0.05 * torch.sin(x * torch.cos(t.to(x)[:, None, None, None] / 120))
+        wobble = 0.05 * torch.sin(x * torch.cos(t.to(x)[:, None, None, None] / 120))
+        return a.sqrt() * eps - (1 - a).sqrt() * x0 + wobble
 
     return v_model
 

@@ -8,6 +8,7 @@ the noise levels (see `SPACINGS`), scale the standard normal start noise, and re
 
 import math
 from functools import partial
+from typing import Callable, NamedTuple
 
 from numpy.polynomial import Polynomial
 
@@ -123,16 +124,23 @@ def dpmpp_2m(denoise, x, sigmas, *, lower_order_final=False, callback=None):
     return x
 
 
-# Noise levels: name -> (levels(train_sigmas, steps), the space t(sigma) inverts, start-noise scale(sigma_max)).
+class Spacing(NamedTuple):
+    """How a sampler picks its noise levels from the training sigmas."""
+
+    levels: Callable  # (train_sigmas, steps) -> decreasing noise levels, float64
+    space: str  # the interpolation that t(sigma) inverts (see schedule.t_to_sigma)
+    start_scale: Callable  # sigma_max -> the factor on the standard normal x_T
+
+
 SPACINGS = {
-    # diffusers' "linspace" spacing; t(sigma) the exact inverse of how the levels were interpolated:
-    # t = 999, 946.42..., ...; k-diffusion's start noise x_T * sigma_max.
-    "linspace": (schedule.linspace_sigmas, "linear", lambda s: s),
-    # Karras et al. (2022); t(sigma) in log-sigma as k-diffusion and diffusers do for these levels.
-    "karras": (lambda train, n: schedule.karras_sigmas(n, train[0], train[-1]), "log", lambda s: s),
+    # diffusers' "linspace" spacing, t(sigma) the exact inverse of how the levels were interpolated
+    # (t = 999, 946.42..., ...); k-diffusion's start noise x_T * sigma_max.
+    "linspace": Spacing(schedule.linspace_sigmas, "linear", lambda s: s),
+    # Karras et al. (2022); t(sigma) in log-sigma, as k-diffusion and diffusers do for these levels.
+    "karras": Spacing(lambda train, n: schedule.karras_sigmas(n, train[0], train[-1]), "log", lambda s: s),
     # The original --dpm_solver: uniform in t from 999 down to 0 (sigma_min, no final denoising), starting
     # from x_T itself in the variance-preserving scale.
-    "time_uniform": (schedule.time_uniform_sigmas, "vp", lambda s: math.sqrt(s**2 + 1)),
+    "time_uniform": Spacing(schedule.time_uniform_sigmas, "vp", lambda s: math.sqrt(s**2 + 1)),
 }
 
 
@@ -140,12 +148,12 @@ def _run(solver, model_fn, x_T, alphas_cumprod, steps, spacing, parameterization
     """The common entry: noise levels and denoiser for the discrete schedule, then `solver` from sigma_max down."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    levels, space, start_scale = SPACINGS[spacing]
+    spacing = SPACINGS[spacing]
     train_sigmas = schedule.sigmas_from_alphas_cumprod(alphas_cumprod)
-    sigmas = levels(train_sigmas, steps).tolist()
+    sigmas = spacing.levels(train_sigmas, steps).tolist()
 
     def sigma_to_t(sigma):
-        return schedule.sigma_to_t(sigma, train_sigmas, space).item()
+        return schedule.sigma_to_t(sigma, train_sigmas, spacing.space).item()
 
     vp_callback = None
     if callback is not None:
@@ -154,51 +162,45 @@ def _run(solver, model_fn, x_T, alphas_cumprod, steps, spacing, parameterization
             callback(i, x / math.sqrt(sigmas[i + 1] ** 2 + 1), denoised)
 
     denoise = discrete_denoiser(model_fn, sigma_to_t, parameterization)
-    x = solver(denoise, x_T * start_scale(sigmas[0]), sigmas, callback=vp_callback, **kwargs)
+    x = solver(denoise, x_T * spacing.start_scale(sigmas[0]), sigmas, callback=vp_callback, **kwargs)
     return x / math.sqrt(sigmas[-1] ** 2 + 1)
 
 
-def sample_euler(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None, karras=False):
+def sample_euler(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None, spacing="linspace"):
     """Euler (Karras et al. 2022) on the discrete schedule."""
-    return _run(euler, model_fn, x_T, alphas_cumprod, steps, "karras" if karras else "linspace", parameterization,
-                callback)
+    return _run(euler, model_fn, x_T, alphas_cumprod, steps, spacing, parameterization, callback)
 
 
 def sample_euler_ancestral(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", generator=None,
-                           callback=None, eta=None, karras=False):
+                           callback=None, eta=None, spacing="linspace"):
     """Euler ancestral (k-diffusion) on the discrete schedule; eta scales the fresh noise (default 1)."""
     eta = 1.0 if eta is None else float(eta)
-    return _run(euler_ancestral, model_fn, x_T, alphas_cumprod, steps, "karras" if karras else "linspace",
-                parameterization, callback, generator=generator, eta=eta)
+    return _run(euler_ancestral, model_fn, x_T, alphas_cumprod, steps, spacing, parameterization, callback,
+                generator=generator, eta=eta)
 
 
-def sample_heun(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None, karras=False):
+def sample_heun(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None, spacing="linspace"):
     """Heun (Karras et al. 2022) on the discrete schedule: 2 model evaluations per step, 1 on the last."""
-    return _run(heun, model_fn, x_T, alphas_cumprod, steps, "karras" if karras else "linspace", parameterization,
-                callback)
+    return _run(heun, model_fn, x_T, alphas_cumprod, steps, spacing, parameterization, callback)
 
 
-def sample_lms(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None, karras=False):
+def sample_lms(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None, spacing="linspace"):
     """Linear multistep, order 4 (k-diffusion) on the discrete schedule."""
-    return _run(lms, model_fn, x_T, alphas_cumprod, steps, "karras" if karras else "linspace", parameterization,
-                callback)
+    return _run(lms, model_fn, x_T, alphas_cumprod, steps, spacing, parameterization, callback)
 
 
-def sample_dpmpp_2m(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None, karras=False):
-    """DPM-Solver++(2M) (Lu et al. 2022) on the k-diffusion noise levels, into sigma 0."""
-    return _run(dpmpp_2m, model_fn, x_T, alphas_cumprod, steps, "karras" if karras else "linspace",
-                parameterization, callback)
-
-
-def sample_dpm_solver(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None):
-    """DPM-Solver++(2M) as the original `--dpm_solver` flag: time-uniform steps from t = 999 to t = 0, the
-    latent at t = 0 as the result, and (as its lower_order_final) a first-order last step below 15 steps."""
-    return _run(dpmpp_2m, model_fn, x_T, alphas_cumprod, steps, "time_uniform", parameterization, callback,
+def sample_dpmpp_2m(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None,
+                    spacing="linspace"):
+    """DPM-Solver++(2M) (Lu et al. 2022) on the discrete schedule. As the original's --dpm_solver, the last
+    step is first order below 15 steps (a step into sigma 0 always is)."""
+    return _run(dpmpp_2m, model_fn, x_T, alphas_cumprod, steps, spacing, parameterization, callback,
                 lower_order_final=steps < 15)
 
 
-sample_euler_karras = partial(sample_euler, karras=True)
-sample_euler_ancestral_karras = partial(sample_euler_ancestral, karras=True)
-sample_heun_karras = partial(sample_heun, karras=True)
-sample_lms_karras = partial(sample_lms, karras=True)
-sample_dpmpp_2m_karras = partial(sample_dpmpp_2m, karras=True)
+sample_euler_karras = partial(sample_euler, spacing="karras")
+sample_euler_ancestral_karras = partial(sample_euler_ancestral, spacing="karras")
+sample_heun_karras = partial(sample_heun, spacing="karras")
+sample_lms_karras = partial(sample_lms, spacing="karras")
+sample_dpmpp_2m_karras = partial(sample_dpmpp_2m, spacing="karras")
+# The original --dpm_solver: the same solver over time-uniform steps, ending at t = 0 (sigma_min).
+sample_dpm_solver = partial(sample_dpmpp_2m, spacing="time_uniform")

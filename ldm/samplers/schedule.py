@@ -89,7 +89,7 @@ def _interpolated(sigmas: torch.Tensor, space: str) -> torch.Tensor:
     if space == "linear":
         return sigmas  # diffusers' discrete schedulers
     if space == "vp":
-        return torch.log1p(sigmas**2)  # -log a_t, i.e. log sqrt(a_t) linear in t: the original DPM-Solver's NoiseScheduleVP
+        return torch.log1p(sigmas**2)  # -log a_t: log sqrt(a_t) linear in t, the original DPM-Solver's NoiseScheduleVP
     raise ValueError(f"space must be 'log', 'linear' or 'vp', got {space!r}")
 
 
