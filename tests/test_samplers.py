@@ -475,3 +475,30 @@ def test_a_v_model_samples_as_the_eps_model_it_implies(name):
     ours_eps = sample(name, eps_model, x_T, AC, 6, generator=generator(5))
     ours_v = sample(name, v_model, x_T, AC, 6, generator=generator(5), parameterization="v")
     torch.testing.assert_close(ours_v, ours_eps, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("declared", [None, "eps", "v"])
+def test_the_pipeline_samples_in_the_models_parameterization(monkeypatch, declared):
+    """Txt2Img hands the model's `parameterization` (eps when it declares none) to the sampler."""
+    from dataclasses import replace
+
+    from helpers import randomize_, tiny_config
+    from ldm.checkpoint import build_model
+    from ldm.pipeline import Txt2Img, latent_factor
+
+    model = randomize_(build_model(tiny_config(), "cpu"), seed=3).eval()
+    if declared is not None:
+        model.parameterization = declared
+    seen = []
+    ddim = SAMPLERS["ddim"]
+
+    def recording_ddim(*args, parameterization, **kwargs):
+        seen.append(parameterization)
+        return ddim.fn(*args, parameterization=parameterization, **kwargs)
+
+    monkeypatch.setitem(SAMPLERS, "ddim", replace(ddim, fn=recording_ddim))
+    f = latent_factor(model)
+    size = f * model.model.diffusion_model.downsample_factor
+    Txt2Img(model, "cpu", "full")("a fox", sampler="ddim", steps=1, scale=1.0, H=size, W=size, f=f,
+                                  n_samples=1, n_iter=1)
+    assert seen == [declared or "eps"]
