@@ -8,7 +8,7 @@ Every sampler has the signature
 - model_fn(x, t): the (guided, see guidance.cfg_denoiser) model output, eps or v as `parameterization`
   says (see parameterization.py); x a latent [B, 4, h, w], t a float tensor [B] of (possibly fractional)
   discrete times in [0, 999];
-- x_T: standard normal start noise; each sampler applies its own scale (k-diffusion ones multiply by sigma_max);
+- x_T: standard normal start noise; each sampler applies its own scale (see k_samplers.SPACINGS);
 - alphas_cumprod: the model's training schedule (1000 values);
 - callback(i, x_t, x0_pred): once per step, with the latent after step i (in the model's scale) and the
   clean latent predicted during it;

@@ -46,7 +46,7 @@ def sample_ddim(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps",
     return x
 
 
-def sample_plms(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", generator=None, callback=None):
+def sample_plms(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None):
     """Pseudo linear multistep as the CompVis PLMSSampler (PNDM, Liu et al. 2022, arXiv:2202.09778, eq. 12).
 
     The first step warms up with a pseudo improved Euler step: a DDIM step with eps(x, t), a second
