@@ -131,7 +131,9 @@ class Problem:
         return sample(name, model_fn, x_T, *args, parameterization=self.parameterization, **kwargs)
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
+# The reduced UNet costs about 1 s a test: full runs (CI) only; the sampler code is the same for every model.
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.slow) if name == "reduced_unet" else name
+                                        for name in sorted(MODELS)])
 def problem(request):
     factory, parameterization = MODELS[request.param]
     g = torch.Generator().manual_seed(1234)
