@@ -45,7 +45,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG, allow_abbrev=False,
-        description="Stable Diffusion v1 text-to-image. Samples go to OUTDIR/samples/NNNNN.png, "
+        description="Stable Diffusion v1 and 2.x text-to-image. Samples go to OUTDIR/samples/NNNNN.png, "
                     "grids to OUTDIR/grid-NNNN.png.",
         epilog="Image k of a run (in the order files are written) starts from the noise of seed + k: "
                "regenerate it alone with --seed <seed + k> --n_samples 1 --n_iter 1. "

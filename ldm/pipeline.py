@@ -506,7 +506,7 @@ class Txt2Img:
         """Generate n_iter x n_samples images of `prompt` (a string), or, for a list of prompts, each
         prompt once per iteration in batches of n_samples (as --from-file). `negative_prompt` is one
         string or a list matching the prompts. H and W default to `default_size`."""
-        H, W = H or self.default_size, W or self.default_size
+        H, W = (self.default_size if side is None else side for side in (H, W))
         opts = Options(sampler, steps, scale, eta, H, W, C, f, emphasis, intermediates, batched)
         opts.validate(self.model)
         _check_counts(n_samples, n_iter)
