@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 UNET = "model.diffusion_model."
 CLIP = "cond_stage_model.transformer."
+COND = "cond_stage_model."
 POSITION_IDS = CLIP + "text_model.embeddings.position_ids"
 EMA = "model_ema."
 
@@ -251,6 +252,10 @@ def load_model(config, ckpt, device="cpu", dtype=torch.float32, use_ema=False):
     model_sd = model.state_dict()
     if POSITION_IDS in model_sd:  # the v1 CLIP's; OpenCLIP (SD 2.x) has none
         weights.setdefault(POSITION_IDS, torch.arange(model.cond_stage_model.max_length)[None])
+    unused = [COND + k for k in getattr(model.cond_stage_model, "unused_keys", list)() if COND + k not in weights]
+    if unused:  # e.g. a 2.x file converted back from diffusers: no last text block, projection or temperature
+        log.info("the checkpoint lacks %d text-encoder weights that are never used; filled with zeros", len(unused))
+        weights.update({k: torch.zeros(model_sd[k].shape, dtype=model_sd[k].dtype) for k in unused})
     check_keys(model_sd, weights)
 
     # position_ids: some files hold them as floats (or drifted); the canonical values are exact.

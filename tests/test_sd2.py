@@ -191,6 +191,27 @@ def test_long_prompt_emphasis_and_negative_prompt_pad_with_zero(tiny_v2):
     torch.testing.assert_close(weighted[0], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_file_without_the_unused_text_weights_loads(tiny_v2, tmp_path):
+    """2.x files converted back from diffusers' 23-layer text encoder lack the last block, the projection
+    and the temperature, which "penultimate" never reads: they load, and encode the same."""
+    from ldm.checkpoint import load_model, read_state_dict
+
+    config, ckpt = tiny_v2
+    last = f"cond_stage_model.model.transformer.resblocks.{TINY_CLIP['layers'] - 1}."
+    sd = {k: v for k, v in read_state_dict(ckpt).items()
+          if not k.startswith(last) and not k.endswith(("text_projection", "logit_scale"))}
+    assert len(read_state_dict(ckpt)) - len(sd) == 14
+    save_file(sd, str(tmp_path / "pruned.safetensors"))
+    full, pruned = load_model(config, ckpt), load_model(config, tmp_path / "pruned.safetensors")
+    with torch.no_grad():
+        a, b = (m.cond_stage_model(["a lighthouse"]) for m in (full, pruned))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    cfg = tiny_v2_config()
+    cfg["model"]["params"]["cond_stage_config"]["params"]["layer"] = "last"  # now the last block is needed
+    with pytest.raises(CheckpointError, match=r"12 missing key\(s\): " + last.replace(".", r"\.")):
+        load_model(cfg, tmp_path / "pruned.safetensors")
+
+
 # ----------------------------------------------------------------------------- configs and key layout
 
 

@@ -154,6 +154,13 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         self.model = TextTower(sizes["vocab_size"], sizes["width"], sizes["layers"], sizes["heads"], max_length,
                                sizes["embed_dim"])
 
+    def unused_keys(self):
+        """State-dict keys that encoding never reads: the blocks past the chosen layer, the projection
+        and the temperature. Files converted back from diffusers' 23-layer text encoder lack them."""
+        skipped = [f"model.transformer.resblocks.{i}." for i in range(self.n_blocks, len(self.model.transformer.resblocks))]
+        return [k for k in self.state_dict(keep_vars=True)
+                if k in ("model.text_projection", "model.logit_scale") or k.startswith(tuple(skipped))]
+
     @property
     def tokenizer(self):
         return open_clip_tokenizer()
