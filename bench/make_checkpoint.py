@@ -1,11 +1,15 @@
-"""Write a random-weight Stable Diffusion v1 checkpoint in the original single-file layout.
+"""Write a random-weight Stable Diffusion v1 or 2.x checkpoint in the original single-file layout.
 
-The real v1 architecture (1,066,235,307 parameters, float32, 4.27 GB like `sd-v1-4.ckpt`) with
+The real architecture (v1: 1,066,235,307 parameters, float32, 4.27 GB like `sd-v1-4.ckpt`; 2.x: the
+OpenCLIP ViT-H/14 text tower instead, 1,303,597,228 parameters like `v2-1_768-ema-pruned.ckpt`) with
 random weights of a sane scale, so that the benchmark loads, runs and compares a file of the true
 size and key layout without any download. The file is a benchmark input: it is written outside
-git (bench/results/ is ignored) and never committed.
+git (bench/results/ is ignored) and never committed. The 2.x families differ only in the config they
+are meant for (v2: 512-base, eps; v2-v: 768-v); random weights predict neither, so run them with
+`--parameterization` (auto-detection would decide at random).
 
     python bench/make_checkpoint.py                       # bench/results/sd-v1-random.ckpt
+    python bench/make_checkpoint.py --family v2-v         # bench/results/sd-v2-v-random.ckpt
     python bench/make_checkpoint.py --out /tmp/x.safetensors
 """
 
@@ -23,10 +27,16 @@ sys.path.insert(0, str(ROOT))
 from ldm.checkpoint import build_model  # noqa: E402
 
 V1_CONFIG = ROOT / "configs/stable-diffusion/v1-inference.yaml"
+CONFIGS = {
+    "v1": V1_CONFIG,
+    "v2": ROOT / "configs/stable-diffusion/v2-inference.yaml",
+    "v2-v": ROOT / "configs/stable-diffusion/v2-inference-v.yaml",
+}
 DEFAULT_OUT = ROOT / "bench/results/sd-v1-random.ckpt"
+GLOBAL_STEP = {"v1": 470000, "v2": 875000, "v2-v": 110000}  # what sd-v1-4, 512-base-ema and v2-1_768 record
 
 
-def random_state_dict(config=V1_CONFIG, seed=0):
+def random_state_dict(config=V1_CONFIG, seed=0, global_step=470000):
     """The state dict of `config`'s model with random weights, in the original key layout.
 
     Matrices get N(0, 1/fan_in) (activations keep their scale through a thousand layers), norm
@@ -38,6 +48,8 @@ def random_state_dict(config=V1_CONFIG, seed=0):
     for name, p in model.state_dict().items():
         if not p.is_floating_point():  # position_ids
             sd[name] = torch.arange(p.shape[-1], dtype=p.dtype).expand(p.shape).clone()
+        elif name.endswith("logit_scale"):  # OpenCLIP's temperature, log(1 / 0.07) at initialisation
+            sd[name] = torch.tensor(math.log(1 / 0.07))
         elif p.ndim >= 2:
             sd[name] = torch.randn(p.shape, generator=g).div_(math.sqrt(math.prod(p.shape[1:])))
         elif name.endswith("weight"):
@@ -49,22 +61,27 @@ def random_state_dict(config=V1_CONFIG, seed=0):
         sd[name] = buf.clone()
     # Training state the original v1 files carry beside the weights.
     sd["model_ema.decay"] = torch.tensor(0.9999)
-    sd["model_ema.num_updates"] = torch.tensor(470000, dtype=torch.int32)
+    sd["model_ema.num_updates"] = torch.tensor(global_step, dtype=torch.int32)
     return sd
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="a .ckpt or .safetensors path (default %(default)s)")
+    ap.add_argument("--family", choices=sorted(CONFIGS), default="v1",
+                    help="v1, v2 (2.x 512-base, eps) or v2-v (2.x 768-v) (default %(default)s)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="a .ckpt or .safetensors path (default bench/results/sd-FAMILY-random.ckpt)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="overwrite an existing file")
     args = ap.parse_args(argv)
+    args.out = args.out or ROOT / f"bench/results/sd-{args.family}-random.ckpt"
     if args.out.exists() and not args.force:
         print(f"{args.out} exists ({args.out.stat().st_size / 1e9:.2f} GB); --force to rewrite")
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    sd = random_state_dict(V1_CONFIG, args.seed)
+    step = GLOBAL_STEP[args.family]
+    sd = random_state_dict(CONFIGS[args.family], args.seed, step)
     n = sum(v.numel() for k, v in sd.items() if v.is_floating_point() and "." in k and not k.startswith("model_ema."))
     tmp = args.out.with_name(args.out.name + ".part")
     if args.out.suffix == ".safetensors":
@@ -72,7 +89,7 @@ def main(argv=None):
 
         save_file(sd, str(tmp))
     else:
-        torch.save({"state_dict": sd, "global_step": 470000, "epoch": 6}, str(tmp))
+        torch.save({"state_dict": sd, "global_step": step, "epoch": 6}, str(tmp))
     tmp.replace(args.out)
     print(f"wrote {args.out}: {len(sd)} tensors, {n:,} weights, {args.out.stat().st_size / 1e9:.2f} GB "
           f"in {time.perf_counter() - t0:.0f} s")

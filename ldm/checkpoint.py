@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 UNET = "model.diffusion_model."
 CLIP = "cond_stage_model.transformer."
+COND = "cond_stage_model."
 POSITION_IDS = CLIP + "text_model.embeddings.position_ids"
 EMA = "model_ema."
 
@@ -191,7 +192,8 @@ def _guess_cause(missing, unexpected, wrong_shapes):
         k.startswith("cond_stage_model.model.") for k in unexpected
     ):
         return ("this looks like a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder, cross-attention context "
-                "1024 instead of 768); this tool runs SD v1 models only")
+                "1024 instead of 768): load it with configs/stable-diffusion/v2-inference.yaml (v2-inference-v.yaml for "
+                "768-v models), or give no --config to have the model detected")
     first = shapes.get(UNET + "input_blocks.0.0.weight")
     if first and first[0][1] == 9:
         return "this looks like an inpainting checkpoint (9 input channels), which txt2img does not run"
@@ -247,11 +249,18 @@ def load_model(config, ckpt, device="cpu", dtype=torch.float32, use_ema=False):
     model = build_model(config, "meta")
     raw = read_state_dict(ckpt)
     weights, extras = normalize_state_dict(raw, use_ema=use_ema)
-    weights.setdefault(POSITION_IDS, torch.arange(model.cond_stage_model.max_length)[None])
-    check_keys(model.state_dict(), weights)
+    model_sd = model.state_dict()
+    if POSITION_IDS in model_sd:  # the v1 CLIP's; OpenCLIP (SD 2.x) has none
+        weights.setdefault(POSITION_IDS, torch.arange(model.cond_stage_model.max_length)[None])
+    unused = [COND + k for k in getattr(model.cond_stage_model, "unused_keys", list)() if COND + k not in weights]
+    if unused:  # e.g. a 2.x file converted back from diffusers: no last text block, projection or temperature
+        log.info("the checkpoint lacks %d text-encoder weights that are never used; filled with zeros", len(unused))
+        weights.update({k: torch.zeros(model_sd[k].shape, dtype=model_sd[k].dtype) for k in unused})
+    check_keys(model_sd, weights)
 
     # position_ids: some files hold them as floats (or drifted); the canonical values are exact.
-    weights[POSITION_IDS] = torch.arange(weights[POSITION_IDS].shape[-1], dtype=torch.long)[None]
+    if POSITION_IDS in weights:
+        weights[POSITION_IDS] = torch.arange(weights[POSITION_IDS].shape[-1], dtype=torch.long)[None]
     for key, value in weights.items():
         if value.is_floating_point() and value.dtype != dtype:
             value = value.to(dtype)

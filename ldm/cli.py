@@ -45,7 +45,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG, allow_abbrev=False,
-        description="Stable Diffusion v1 text-to-image. Samples go to OUTDIR/samples/NNNNN.png, "
+        description="Stable Diffusion v1 and 2.x text-to-image. Samples go to OUTDIR/samples/NNNNN.png, "
                     "grids to OUTDIR/grid-NNNN.png.",
         epilog="Image k of a run (in the order files are written) starts from the noise of seed + k: "
                "regenerate it alone with --seed <seed + k> --n_samples 1 --n_iter 1. "
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--from_png", type=str, default=None, metavar="FILE",
                    help="re-run the image FILE from its PNG metadata (prompt, seed, sampler, steps, scale, size); "
                         "flags given explicitly still win")
+    g.add_argument("--repeat", type=int, default=1,
+                   help="with --from-file, render each prompt of the file this many times in a row (default %(default)s)")
     g.add_argument("--no_emphasis", action="store_true",
                    help="take prompts literally: no (word), [word], {word}, (word:1.3) weighting")
 
@@ -70,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampler (default ddim); see --list_samplers")
     g.add_argument("--list_samplers", action="store_true", help="list the samplers and exit")
     g.add_argument("--plms", action="store_true", help="same as --sampler plms")
-    g.add_argument("--dpm_solver", action="store_true", help="same as --sampler dpm_solver")
-    g.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps (default %(default)s)")
+    g.add_argument("--dpm_solver", "--dpm", action="store_true", help="same as --sampler dpm_solver")
+    g.add_argument("--ddim_steps", "--steps", type=int, default=50, help="number of sampling steps (default %(default)s)")
     g.add_argument("--ddim_eta", type=float, default=None,
                    help="DDIM eta (default 0.0: deterministic), or the noise scale of the ancestral samplers (default 1.0)")
     g.add_argument("--scale", type=float, default=7.5,
@@ -87,26 +89,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batched", action="store_true",
                    help="sample the --n_samples images of a batch through the model together: faster on a GPU, but an "
                         "image then matches its regeneration alone only up to rounding (default: one at a time, exact)")
-    g.add_argument("--H", type=int, default=512, help="image height in pixels (default %(default)s)")
-    g.add_argument("--W", type=int, default=512, help="image width in pixels (default %(default)s)")
+    g.add_argument("--H", type=int, default=None, help="image height in pixels (default 768 for v-prediction models, else 512)")
+    g.add_argument("--W", type=int, default=None, help="image width in pixels (default 768 for v-prediction models, else 512)")
     g.add_argument("--C", type=int, default=4, help="latent channels (default %(default)s)")
     g.add_argument("--f", type=int, default=8, help="downsampling factor of the autoencoder (default %(default)s)")
 
     g = p.add_argument_group("model and device")
-    g.add_argument("--config", type=str, default=DEFAULT_CONFIG, help="model config YAML (default %(default)s)")
+    g.add_argument("--config", type=str, default=None,
+                   help="model config YAML (default: chosen from the checkpoint: SD v1 -> "
+                        f"{DEFAULT_CONFIG}, SD 2.x -> configs/stable-diffusion/v2-inference.yaml or v2-inference-v.yaml)")
+    g.add_argument("--parameterization", choices=["eps", "v"], default=None,
+                   help="what the UNet predicts, overriding the config: eps (SD v1, SD 2.x 512-base) or v (SD 2.x "
+                        "768-v); without it and without --config, an SD 2.x model is told apart by one UNet evaluation")
     g.add_argument("--ckpt", type=str, default=DEFAULT_CKPT, help="checkpoint, .ckpt or .safetensors (default %(default)s)")
     g.add_argument("--demo", action="store_true",
                    help="the bundled demo model: --config configs/demo/shapes.yaml "
                         "--ckpt models/demo/shapes.safetensors --H 64 --W 64")
     g.add_argument("--use_ema", action="store_true", help="use the checkpoint's EMA weights of the UNet")
     g.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
-    g.add_argument("--precision", type=str, choices=["full", "autocast", "half"], default="autocast",
+    g.add_argument("--precision", type=str, choices=["full", "autocast", "half", "bf16"], default="autocast",
                    help="autocast: fp16 compute on CUDA, no-op elsewhere; half: fp16 weights on a GPU "
-                        "(full precision on the CPU); full: float32 (default %(default)s)")
+                        "(full precision on the CPU); bf16: bfloat16 weights (a GPU, or a CPU with bfloat16 support); "
+                        "full: float32 (default %(default)s)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet: fused kernels, after a compile of tens of seconds at the first image")
     g.add_argument("--cuda_graphs", action="store_true",
                    help="on CUDA, replay each UNet step from a CUDA graph instead of launching its kernels one by one")
+    g.add_argument("--bf16", action="store_true", help="same as --precision bf16")
+    g.add_argument("--torchscript", action="store_true", help="accepted for the Stability script's sake; not needed")
+    g.add_argument("--ipex", action="store_true", help="accepted for the Stability script's sake; not needed")
     g.add_argument("--laion400m", action="store_true", help="the original's LAION-400M model: not supported")
 
     g = p.add_argument_group("output")
@@ -314,6 +325,18 @@ def _run(args, given) -> int:
             if dest not in given:
                 setattr(args, dest, 1)
 
+    if args.torchscript or args.ipex:
+        notice("--torchscript/--ipex: not needed: the UNet already runs through fused oneDNN kernels on the CPU "
+               "(see --compile for torch.compile); continuing without them")
+    if args.bf16:
+        if "precision" in given and args.precision != "bf16":
+            raise ValueError(f"--bf16 and --precision {args.precision} contradict each other")
+        args.precision = "bf16"
+    if args.repeat <= 0:
+        raise ValueError(f"--repeat must be a positive integer, got {args.repeat}")
+    auto_size = [name for name in ("H", "W") if getattr(args, name) is None]  # 768 for a v model, else 512
+    for name in auto_size:
+        setattr(args, name, 512)
     opts = Options(sampler=sampler, steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta, H=args.H, W=args.W,
                    C=args.C, f=args.f, emphasis=not args.no_emphasis, intermediates=args.save_intermediates,
                    batched=args.batched)
@@ -328,17 +351,21 @@ def _run(args, given) -> int:
 
     if args.from_file:
         prompts, negatives = read_prompt_file(args.from_file, negative)
+        prompts = [p for p in prompts for _ in range(args.repeat)]
+        negatives = [n for n in negatives for _ in range(args.repeat)]
         batches = pipeline.prompt_batches(prompts, negatives, args.n_samples, repeat=False)
     else:
         batches = pipeline.prompt_batches(args.prompt, negative, args.n_samples, repeat=True)
     plan = pipeline.plan_work(batches, args.n_iter, args.seed, args.fixed_code)
 
-    config, ckpt = pipeline.repo_path(args.config), pipeline.repo_path(args.ckpt)
+    config = pipeline.repo_path(args.config) if args.config else None  # None: detected from the checkpoint
+    ckpt = pipeline.repo_path(args.ckpt)
     if args.demo and not ckpt.is_file():
         raise ValueError(f"the bundled demo model is not at {ckpt}: --demo needs a source checkout of txt2img")
     from .config import load_config
 
-    load_config(config)  # a bad config fails here, before anything slow
+    if config is not None:
+        load_config(config)  # a bad config fails here, before anything slow
     if not ckpt.exists():
         from .checkpoint import CheckpointError
 
@@ -373,7 +400,12 @@ def _run(args, given) -> int:
     t0 = time.perf_counter()
     pipe = Txt2Img.from_files(config, ckpt, device=device, precision=args.precision, use_ema=args.use_ema,
                               safety_checker=checker, nsfw=args.nsfw, cuda_graphs=args.cuda_graphs,
-                              compile=args.compile)
+                              compile=args.compile, parameterization=args.parameterization)
+    if pipe.detection is not None:
+        notice(pipe.detection.message)
+    for name in auto_size:
+        setattr(opts, name, pipe.default_size)
+        setattr(args, name, pipe.default_size)
     opts.validate(pipe.model)
     if checker_note:
         notice(checker_note)

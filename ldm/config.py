@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from .models.autoencoder import AutoencoderKL
 from .models.clip import FrozenCLIPEmbedder
 from .models.diffusion import LatentDiffusion
+from .models.open_clip import FrozenOpenCLIPEmbedder
 from .models.unet import UNetModel
 
 
@@ -27,6 +28,7 @@ TARGETS = {
     "ldm.modules.diffusionmodules.openaimodel.UNetModel": UNetModel,
     "ldm.models.autoencoder.AutoencoderKL": AutoencoderKL,
     "ldm.modules.encoders.modules.FrozenCLIPEmbedder": FrozenCLIPEmbedder,
+    "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder": FrozenOpenCLIPEmbedder,
 }
 
 # Sections of a config that only training reads.

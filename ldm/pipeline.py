@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from . import detect
 from . import images as imagelib
 from .accel import CUDAGraphs, compile_unet
 from .checkpoint import CheckpointError, load_model
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = "configs/demo/shapes.yaml"
 DEMO_CKPT = "models/demo/shapes.safetensors"
-PRECISIONS = ("full", "autocast", "half")
+PRECISIONS = ("full", "autocast", "half", "bf16")
 
 # Registry name -> the name the AUTOMATIC1111 web UI writes in its `parameters` text, where it has one.
 WEBUI_SAMPLER_NAMES = {
@@ -133,7 +134,8 @@ def resolve_precision(device: torch.device, precision: str) -> tuple[torch.dtype
 
     full: float32 everywhere. autocast: fp32 weights with torch.autocast(fp16) on CUDA; elsewhere
     it does not help, so it is float32 (a no-op). half: fp16 weights on a GPU (CUDA, MPS); on the
-    CPU, where fp16 is slow or unsupported, it falls back to float32 with a notice.
+    CPU, where fp16 is slow or unsupported, it falls back to float32 with a notice. bf16: bfloat16
+    weights, on a GPU or on a CPU whose oneDNN supports bfloat16 (refused elsewhere).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
@@ -141,6 +143,11 @@ def resolve_precision(device: torch.device, precision: str) -> tuple[torch.dtype
         if device.type == "cpu":
             return torch.float32, False, "--precision half: fp16 weights need a GPU; running in full precision on the CPU"
         return torch.float16, False, None
+    if precision == "bf16":
+        if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            raise ValueError("--precision bf16 (--bf16): this CPU has no bfloat16 support in oneDNN; "
+                             "use --precision full")
+        return torch.bfloat16, False, None
     return torch.float32, precision == "autocast" and device.type == "cuda", None
 
 
@@ -307,27 +314,46 @@ class Txt2Img:
         self.safety_checker = safety_checker
         self.nsfw = nsfw
         self._chunks = {}  # (text, emphasis) -> PromptChunks
+        self.detection = None  # what ldm.detect chose, when the config was not given (see from_files)
         self._embeddings = {}  # (text, emphasis, n_chunks) -> (1, 77 * n_chunks, D) on the device
 
     @classmethod
-    def from_files(cls, config=DEFAULT_CONFIG, ckpt=DEFAULT_CKPT, device=None, precision="autocast", use_ema=False,
-                   hash_model=True, **kwargs) -> Txt2Img:
-        """Load the model of `config` with the weights of `ckpt` (local files only, nothing downloaded)."""
+    def from_files(cls, config=None, ckpt=DEFAULT_CKPT, device=None, precision="autocast", use_ema=False,
+                   hash_model=True, parameterization=None, **kwargs) -> Txt2Img:
+        """Load the model of `config` with the weights of `ckpt` (local files only, nothing downloaded).
+
+        With `config=None` the bundled config is chosen from the checkpoint's keys, and for SD 2.x
+        whether it predicts eps or v from one UNet evaluation (`ldm.detect`; `pipe.detection` says
+        what was chosen). `parameterization` ("eps" or "v") overrides the config's and skips that test.
+        """
         device = pick_device(device)
         dtype, _, _ = resolve_precision(device, precision)
-        config, ckpt = repo_path(config), repo_path(ckpt)
-        config_dict = load_config(config)
+        ckpt = repo_path(ckpt)
         if not ckpt.is_file():
             raise CheckpointError(missing_checkpoint_message(ckpt) if not ckpt.exists()
                                   else f"checkpoint {ckpt} is not a file")
         if not os.access(ckpt, os.R_OK):
             raise CheckpointError(f"cannot read checkpoint {ckpt}: permission denied")
+        detection = detect.choose_config(ckpt) if config is None else None
+        if config is None:
+            config = detection.config if detection else DEFAULT_CONFIG
+        config = repo_path(config)
+        config_dict = load_config(config)
         t0 = time.perf_counter()
         model = load_model(config_dict, ckpt, device=device, dtype=dtype, use_ema=use_ema)
         log.info("loaded %s in %.1f s", ckpt, time.perf_counter() - t0)
         model_hash = checkpoint_hash(ckpt) if hash_model else None
-        return cls(model, device, precision, model_name=ckpt.stem,
-                   model_hash=model_hash, **kwargs)
+        pipe = cls(model, device, precision, model_name=ckpt.stem, model_hash=model_hash, **kwargs)
+        with pipe._autocast():
+            pipe.detection = detect.resolve_parameterization(pipe.model, detection, parameterization)
+        if pipe.detection is not None:
+            log.info(pipe.detection.message)
+        return pipe
+
+    @property
+    def default_size(self) -> int:
+        """Image side when none is given: 768 for v-prediction models (SD 2.x 768-v), else 512."""
+        return 768 if self.model.parameterization == "v" else 512
 
     # --- conditioning
 
@@ -472,11 +498,12 @@ class Txt2Img:
     # --- the whole run
 
     def __call__(self, prompt=DEFAULT_PROMPT, negative_prompt="", *, sampler="ddim", steps=50, scale=7.5, eta=None,
-                 H=512, W=512, C=4, f=8, seed=42, n_samples=3, n_iter=2, fixed_code=False, emphasis=True,
+                 H=None, W=None, C=4, f=8, seed=42, n_samples=3, n_iter=2, fixed_code=False, emphasis=True,
                  intermediates=False, batched=False, callback=None) -> list[Result]:
         """Generate n_iter x n_samples images of `prompt` (a string), or, for a list of prompts, each
         prompt once per iteration in batches of n_samples (as --from-file). `negative_prompt` is one
-        string or a list matching the prompts."""
+        string or a list matching the prompts. H and W default to `default_size`."""
+        H, W = (self.default_size if side is None else side for side in (H, W))
         opts = Options(sampler, steps, scale, eta, H, W, C, f, emphasis, intermediates, batched)
         opts.validate(self.model)
         _check_counts(n_samples, n_iter)
@@ -487,12 +514,13 @@ class Txt2Img:
         return results
 
 
-def generate(prompt=DEFAULT_PROMPT, negative_prompt="", *, config=DEFAULT_CONFIG, ckpt=DEFAULT_CKPT, device=None,
+def generate(prompt=DEFAULT_PROMPT, negative_prompt="", *, config=None, ckpt=DEFAULT_CKPT, device=None,
              precision="autocast", use_ema=False, safety_checker=None, nsfw="black", cuda_graphs=False, compile=False,
-             **options) -> list[Result]:
+             parameterization=None, **options) -> list[Result]:
     """Load a model and run it once: `Txt2Img.from_files(...)(prompt, negative_prompt, **options)`."""
     pipe = Txt2Img.from_files(config, ckpt, device=device, precision=precision, use_ema=use_ema,
-                              safety_checker=safety_checker, nsfw=nsfw, cuda_graphs=cuda_graphs, compile=compile)
+                              safety_checker=safety_checker, nsfw=nsfw, cuda_graphs=cuda_graphs, compile=compile,
+                              parameterization=parameterization)
     return pipe(prompt, negative_prompt, **options)
 
 

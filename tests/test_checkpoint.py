@@ -238,8 +238,8 @@ def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown parameter.*bogus_option"):
         build_model(cfg)
     cfg = tiny_config()
-    cfg["model"]["params"]["parameterization"] = "v"
-    with pytest.raises(ConfigError, match="SD 2.x"):
+    cfg["model"]["params"]["parameterization"] = "x0"
+    with pytest.raises(ConfigError, match="parameterization 'x0' is not supported"):
         build_model(cfg)
 
 

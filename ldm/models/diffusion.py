@@ -44,6 +44,10 @@ TRAINING_ONLY_PARAMS = (
 )
 
 
+# What the UNet predicts: the noise eps, or v = sqrt(a) eps - sqrt(1 - a) x0 (SD 2.x 768-v models).
+PARAMETERIZATIONS = ("eps", "v")
+
+
 class DiffusionWrapper(nn.Module):
     """Holds the UNet as `diffusion_model` (checkpoint keys `model.diffusion_model.*`)."""
 
@@ -56,7 +60,7 @@ class DiffusionWrapper(nn.Module):
 
 
 class LatentDiffusion(nn.Module):
-    """eps-prediction latent diffusion with cross-attention text conditioning (SD v1)."""
+    """Latent diffusion with cross-attention text conditioning (SD v1 and 2.x), eps- or v-prediction."""
 
     def __init__(self, unet_config, first_stage_config, cond_stage_config, linear_start=0.00085, linear_end=0.012,
                  timesteps=1000, beta_schedule="linear", parameterization="eps", channels=4,
@@ -69,17 +73,16 @@ class LatentDiffusion(nn.Module):
             raise ValueError(f"LatentDiffusion: unknown parameter(s): {', '.join(unknown)}")
         if beta_schedule != "linear":
             raise ValueError(f"LatentDiffusion: beta_schedule {beta_schedule!r} is not supported (SD v1 uses 'linear')")
-        if parameterization != "eps":
-            raise ValueError(
-                f"LatentDiffusion: parameterization {parameterization!r} is not supported: this tool runs SD v1 "
-                "(eps-prediction) models; 'v' means an SD 2.x config"
-            )
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"LatentDiffusion: parameterization {parameterization!r} is not supported "
+                             f"(choose from {', '.join(PARAMETERIZATIONS)})")
         if conditioning_key != "crossattn":
             raise ValueError(f"LatentDiffusion: conditioning_key {conditioning_key!r} is not supported (SD v1 uses 'crossattn')")
 
         self.model = DiffusionWrapper(instantiate(unet_config))
         self.first_stage_model = instantiate(first_stage_config)
         self.cond_stage_model = instantiate(cond_stage_config)
+        self.parameterization = parameterization  # what the UNet predicts: "eps" (noise) or "v" (SD 2.x 768-v)
         self.channels = channels
         self.scale_factor = float(scale_factor)
         self.linear_start, self.linear_end, self.num_timesteps = linear_start, linear_end, int(timesteps)
