@@ -284,7 +284,7 @@ def _run(args, given) -> int:
     if args.from_png and args.from_file:
         raise ValueError("--from_png and --from-file cannot be combined")
 
-    from . import pipeline
+    from . import checks, pipeline
     from .pipeline import Options, Txt2Img
 
     # --- what to run: flags, then --demo and --from_png where the flags were not given explicitly
@@ -314,6 +314,7 @@ def _run(args, given) -> int:
             if dest not in given:
                 setattr(args, dest, 1)
 
+    checks.check_flags(args)  # finite, in range, a known device form: after --from_png filled in its values
     opts = Options(sampler=sampler, steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta, H=args.H, W=args.W,
                    C=args.C, f=args.f, emphasis=not args.no_emphasis, intermediates=args.save_intermediates,
                    batched=args.batched)
@@ -332,6 +333,7 @@ def _run(args, given) -> int:
     else:
         batches = pipeline.prompt_batches(args.prompt, negative, args.n_samples, repeat=True)
     plan = pipeline.plan_work(batches, args.n_iter, args.seed, args.fixed_code)
+    checks.seeds_fit(args.seed, sum(len(items) for items in plan))
 
     config, ckpt = pipeline.repo_path(args.config), pipeline.repo_path(args.ckpt)
     if args.demo and not ckpt.is_file():

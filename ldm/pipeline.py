@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from . import checks
 from . import images as imagelib
 from .accel import CUDAGraphs, compile_unet
 from .checkpoint import CheckpointError, load_model
@@ -115,7 +116,7 @@ def checkpoint_hash(path) -> str:
 def pick_device(name: str | None = None) -> torch.device:
     """The named device, or the best available: cuda > mps > cpu."""
     if name:
-        device = torch.device(name)
+        device = torch.device(checks.device(name))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {name!r}: CUDA is not available on this machine")
         if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
@@ -233,7 +234,8 @@ class Options:
         for name in ("H", "W"):
             if getattr(self, name) % self.f:
                 raise ValueError(f"--{name} must be a multiple of --f ({self.f}), got {getattr(self, name)}")
-        if self.eta is not None and self.eta < 0:
+        checks.number("scale", self.scale)
+        if self.eta is not None and checks.number("ddim_eta", self.eta) < 0:
             raise ValueError(f"--ddim_eta must not be negative, got {self.eta}")
         if self.eta and not sampler.stochastic and sampler.name != "ddim":
             raise ValueError(f"sampler {sampler.name!r} is deterministic: "
