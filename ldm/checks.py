@@ -16,7 +16,7 @@ SEED_LIMIT = 2**64  # torch generators take seeds below 2**64; image k uses seed
 
 def device(name: str) -> str:
     """`name` when it is cpu, cuda, cuda:N or mps; a ValueError listing the valid forms otherwise."""
-    if not isinstance(name, str) or not re.fullmatch(r"cpu|mps|cuda(:[0-9]+)?", name):
+    if not isinstance(name, str) or not re.fullmatch(r"cpu|(cuda|mps)(:[0-9]+)?", name):
         raise ValueError(f"--device {name!r} is not a device; valid forms: {DEVICE_FORMS}")
     return name
 

@@ -116,7 +116,7 @@ def checkpoint_hash(path) -> str:
 def pick_device(name: str | None = None) -> torch.device:
     """The named device, or the best available: cuda > mps > cpu."""
     if name:
-        device = torch.device(checks.device(name))
+        device = torch.device(checks.device(str(name)))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {name!r}: CUDA is not available on this machine")
         if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
