@@ -6,7 +6,7 @@ Heavy imports (torch, the models) happen after parsing, so `--help` is instant. 
 downloaded: Hugging Face libraries are put in offline mode before they are imported.
 
 Exit status: 0 done, 1 error (one line `txt2img: error: ...` on stderr), 2 usage error, 130
-interrupted (the images already saved stay, and the grid of those is written).
+interrupted, 143 terminated (SIGTERM) (the images already saved stay, and the grid of those is written).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from .defaults import DEFAULT_CKPT, DEFAULT_CONFIG, DEFAULT_OUTDIR, DEFAULT_PROMPT, set_openmp_defaults
+from .signals import exit_status, interrupts
 
 PROG = "txt2img"
 NEGATIVE_MARK = "--negative_prompt"  # separates a line's prompt from its negative prompt in --from-file
@@ -249,10 +250,11 @@ def main(argv=None) -> int:
     ldm_log.addHandler(handler)
     ldm_log.setLevel(handler.level)
     try:
-        return _run(args, given)
-    except KeyboardInterrupt:
+        with interrupts():  # SIGTERM as SIGINT; a second signal ends the process at once
+            return _run(args, given)
+    except KeyboardInterrupt as e:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return exit_status(e)
     except OSError as e:
         print(f"{PROG}: error{_rank_tag()}: {one_line(os_error_message(e))}", file=sys.stderr)
         return EXIT_ERROR
@@ -465,7 +467,8 @@ def _generate(args, pipe, opts, plan, outdir, sample_dir, inter_dir, load_s, job
     finally:
         # on success or Ctrl-C, the grid of what finished; after any other error, nothing more
         grid_path = None
-        interrupted = sys.exc_info()[0] is KeyboardInterrupt
+        stop = sys.exc_info()[1]
+        interrupted = isinstance(stop, KeyboardInterrupt)
         if job and status == 0:  # the images of every rank, and those a --resume found, in index order
             gathered = world.gather([(r.item.index, r.image) for r in done])
             stats = world.gather((len(written), flagged, sampling_s, steps_run))
@@ -485,7 +488,7 @@ def _generate(args, pipe, opts, plan, outdir, sample_dir, inter_dir, load_s, job
             saved = f"{len(written)} image(s) saved in {sample_dir}" if written else "no image saved"
             grid_note = f"; grid of the finished images: {grid_path}" if grid_path else ""
             print(f"{PROG}: interrupted: {saved}{grid_note}", file=sys.stderr)
-            return EXIT_INTERRUPTED  # noqa: B012 (the interrupt is reported, not re-raised)
+            return exit_status(stop)  # noqa: B012 (the interrupt is reported, not re-raised)
 
     per_step = sampling_s / steps_run if steps_run else 0.0
     where = []
