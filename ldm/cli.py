@@ -3,7 +3,7 @@
 This module parses arguments, checks everything that can be checked before a model is loaded,
 writes files, draws progress bars and prints; the generation itself is `ldm.pipeline.Txt2Img`.
 Heavy imports (torch, the models) happen after parsing, so `--help` is instant. Nothing is
-downloaded: Hugging Face libraries are put in offline mode before they are imported.
+downloaded but the safety checker, once, on first use (unless HF_HUB_OFFLINE=1).
 
 Exit status: 0 done, 1 error (one line `txt2img: error: ...` on stderr), 2 usage error, 130
 interrupted, 143 terminated (SIGTERM) (the images already saved stay, and the grid of those is written).
@@ -124,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("safety checker and watermark")
     g.add_argument("--safety_checker", type=str, default=None, metavar="DIR",
-                   help="folder of a StableDiffusionSafetyChecker (save_pretrained); default: the local Hugging Face "
-                        "cache of CompVis/stable-diffusion-safety-checker")
+                   help="folder of a StableDiffusionSafetyChecker (save_pretrained); default: the Hugging Face "
+                        "cache of CompVis/stable-diffusion-safety-checker, downloaded there once if missing")
     g.add_argument("--no_safety_checker", action="store_true", help="run without the safety checker")
     g.add_argument("--nsfw", choices=["black", "blur"], default="black",
                    help="what replaces a flagged image (default %(default)s)")
@@ -239,8 +239,8 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub, whatever gets imported
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # The hub is reached only to fetch a missing safety checker once (ldm.safety; HF_HUB_OFFLINE=1 forbids it):
+    # every other Hugging Face load here is local_files_only.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     set_openmp_defaults()  # before torch is imported; a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins
 
