@@ -7,6 +7,7 @@ its rule here); the library's `Options.validate` and `pick_device` use the same 
 from __future__ import annotations
 
 import math
+import numbers
 import re
 
 DEVICE_FORMS = "cpu, cuda, cuda:N (N = 0, 1, ...), mps"
@@ -23,7 +24,7 @@ def device(name: str) -> str:
 
 def number(flag: str, value, minimum: float | None = None, maximum: float | None = None) -> float:
     """A finite real number within [minimum, maximum] (either bound optional)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"--{flag} must be a finite number, got {value}")
     if minimum is not None and value < minimum:
         raise ValueError(f"--{flag} must " + ("not be negative" if minimum == 0 else f"be at least {minimum}")
@@ -35,7 +36,7 @@ def number(flag: str, value, minimum: float | None = None, maximum: float | None
 
 def integer(flag: str, value, minimum: int = 1, maximum: int | None = None) -> int:
     """An integer within [minimum, maximum]; the message says "positive" for the usual minimum of 1."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"--{flag} must be an integer, got {value!r}")
     if value < minimum:
         kind = "a positive integer" if minimum == 1 else "a non-negative integer" if minimum == 0 else f"at least {minimum}"
