@@ -119,6 +119,8 @@ def pick_device(name: str | None = None) -> torch.device:
         device = torch.device(checks.device(str(name)))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {name!r}: CUDA is not available on this machine")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
             raise ValueError(f"device {name!r}: Apple MPS is not available on this machine")
         return device

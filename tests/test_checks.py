@@ -116,3 +116,15 @@ def test_device_tpu_through_the_script():
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr == ("txt2img: error: --device 'tpu' is not a device; valid forms: cpu, cuda, cuda:N (N = 0, 1, ...), "
                         "mps\n")
+
+
+def test_cuda_index_beyond_the_devices(monkeypatch):
+    import torch
+
+    from ldm.pipeline import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"device 'cuda:2': this machine has 2 CUDA device\(s\)"):
+        pick_device("cuda:2")
