@@ -253,7 +253,8 @@ def _read_safetensors(path):
                 count = (end - start) // dtype.itemsize
                 tensors[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=base + start).view(shape)
         except (RuntimeError, ValueError) as e:  # not expected after the checks above; still one line
-            raise CheckpointError(f"malformed safetensors file {path}: tensor {_entry(name)}: {_first_line(e)}") from None
+            raise CheckpointError(f"malformed safetensors file {path}: tensor {_entry(name)}: "
+                                  f"{_first_line(e)}") from None
     return tensors
 
 

@@ -39,7 +39,7 @@ def integer(flag: str, value, minimum: int = 1, maximum: int | None = None) -> i
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"--{flag} must be an integer, got {value!r}")
     if value < minimum:
-        kind = "a positive integer" if minimum == 1 else "a non-negative integer" if minimum == 0 else f"at least {minimum}"
+        kind = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"at least {minimum}")
         raise ValueError(f"--{flag} must be {kind}, got {value}")
     if maximum is not None and value > maximum:
         raise ValueError(f"--{flag} must be at most {maximum}, got {value}")

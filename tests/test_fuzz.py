@@ -93,7 +93,7 @@ def _header_edits(header, rng):
         "shape 65 dims": lambda: e.update(shape=[1] * 65),
         "shape null": lambda: e.update(shape=None),
         "shape transposed": lambda: e.update(shape=list(reversed(e["shape"]))),
-        "shape flattened": lambda: e.update(shape=[(end - start) // (2 if e["dtype"] == "F16" else 4 if e["dtype"] == "F32" else 8)]),
+        "shape flattened": lambda: e.update(shape=[(end - start) // {"F16": 2, "F32": 4}.get(e["dtype"], 8)]),
         "shape plus one": lambda: e.update(shape=[d + 1 for d in e["shape"]] or [1]),
         "dtype unknown": lambda: e.update(dtype="F17"),
         "dtype empty": lambda: e.update(dtype=""),
@@ -262,7 +262,8 @@ def ckpt_cases(data, count, seed, pickle_span):
         kind = i % 5
         out = bytearray(data)
         if kind == 0:
-            cut = rng.choice([rng.randrange(0, 64), rng.randrange(lo, hi), rng.randrange(0, size), size - rng.randrange(1, 200)])
+            cut = rng.choice([rng.randrange(0, 64), rng.randrange(lo, hi), rng.randrange(0, size),
+                              size - rng.randrange(1, 200)])
             yield f"{i}: truncated to {cut} bytes", data[:cut]
             continue
         if kind in (1, 2):  # the pickle: names, sizes, strides, offsets of every tensor
