@@ -13,6 +13,7 @@ import re
 DEVICE_FORMS = "cpu, cuda, cuda:N (N = 0, 1, ...), mps"
 MAX_SIDE = 16384  # pixels; far beyond what an SD v1 UNet can sample in any memory
 SEED_LIMIT = 2**64  # torch generators take seeds below 2**64; image k uses seed + k
+MAX_IMAGES = 10**6  # a run's plan is a list of its images: beyond this, a typo, not a job
 
 
 def device(name: str) -> str:
@@ -52,8 +53,8 @@ RULES = {
     "ddim_eta": lambda v: number("ddim_eta", v, minimum=0),
     "strength": lambda v: number("strength", v, minimum=0, maximum=1),
     "ddim_steps": lambda v: integer("ddim_steps", v),  # the upper bound is the model's: Options.validate
-    "n_samples": lambda v: integer("n_samples", v),
-    "n_iter": lambda v: integer("n_iter", v),
+    "n_samples": lambda v: integer("n_samples", v, maximum=MAX_IMAGES),
+    "n_iter": lambda v: integer("n_iter", v, maximum=MAX_IMAGES),
     "n_rows": lambda v: integer("n_rows", v, minimum=0),
     "H": lambda v: integer("H", v, maximum=MAX_SIDE),
     "W": lambda v: integer("W", v, maximum=MAX_SIDE),
@@ -65,11 +66,15 @@ RULES = {
 
 
 def check_flags(args) -> None:
-    """Apply RULES to the attributes of `args` (an argparse Namespace) that it has and that are set."""
+    """Apply RULES to the attributes of `args` (an argparse Namespace) that it has and that are set, and
+    bound the images of a run (--n_samples x --n_iter; with --from-file, --n_samples is a batch size)."""
     for dest, rule in RULES.items():
         value = getattr(args, dest, None)
         if value is not None:
             rule(value)
+    n_samples, n_iter = getattr(args, "n_samples", None), getattr(args, "n_iter", None)
+    if n_samples and n_iter and not getattr(args, "from_file", None) and n_samples * n_iter > MAX_IMAGES:
+        raise ValueError(f"--n_samples {n_samples} x --n_iter {n_iter} is more than {MAX_IMAGES} images in one run")
 
 
 def seeds_fit(seed: int, n_images: int) -> None:
