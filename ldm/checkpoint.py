@@ -10,7 +10,9 @@ initialisation), memory-maps the file and assigns its tensors in place.
 import json
 import logging
 import mmap
+import os
 import pickle
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -71,30 +73,161 @@ def _allowed_numpy_globals():
     return allowed
 
 
+def _first_line(e, limit=160) -> str:
+    """The informative first line of an exception's message (torch's advice paragraphs dropped)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = (lines[0] if lines else type(e).__name__).split(" This is an internal")[0].split(" Please ")[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def _read_pickle(path):
-    """torch.load with weights_only: tensors and plain containers only, pickled code never runs."""
+    """torch.load with weights_only: tensors and plain containers only, pickled code never runs.
+
+    Whatever goes wrong in torch's zip or pickle readers (damaged, truncated or foreign bytes fail
+    in many ways: RuntimeError, UnpicklingError, EOFError, IndexError...) becomes one CheckpointError line.
+    """
     use_mmap = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be memory-mapped
     try:
         with torch.serialization.safe_globals(_ALLOWED_GLOBALS + _allowed_numpy_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as e:
-        detail = str(e).split("Unsupported global: ")[-1].split(" was not")[0].strip().splitlines()[0]
-        raise CheckpointError(
-            f"refusing to load {path}: it holds pickled objects beyond tensors ({detail}); only weights are read, "
-            "never code. Convert it to .safetensors from a trusted environment if you trust its source."
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
-    except Exception as e:  # the unpickler fails on damaged or foreign bytes in many ways (IndexError, KeyError...)
+        refused = re.search(r"GLOBAL (\S+)", str(e))  # torch names the class or function it would not import
+        if refused:
+            detail = f"GLOBAL {refused.group(1)}"
+            raise CheckpointError(
+                f"refusing to load {path}: it holds pickled objects beyond tensors ({detail}); only weights are "
+                "read, never code. Convert it to .safetensors from a trusted environment if you trust its source."
+            ) from None
         raise CheckpointError(f"cannot read checkpoint {path}: damaged, or not a PyTorch checkpoint "
-                              f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+                              f"(pickle: {_first_line(e)})") from None
+    except Exception as e:  # RuntimeError from the zip reader, EOFError, OSError, IndexError, KeyError...
+        raise CheckpointError(f"cannot read checkpoint {path}: damaged, truncated, or not a PyTorch checkpoint "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
 
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+def _safetensors_dtypes():
+    """safetensors dtype names -> torch dtypes (the float8 and unsigned kinds where this torch has them)."""
+    table = {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
+    for name, attr in (("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"),
+                       ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+        if hasattr(torch, attr):
+            table[name] = getattr(torch, attr)
+    return table
+
+
+_ST_DTYPES = _safetensors_dtypes()
+_ST_MAX_HEADER = 100 * 2**20  # the safetensors library's own limit on the JSON header
+_ST_MAX_DIMS = 64
+_INT64_MAX = 2**63 - 1
+
+
+def _entry(name) -> str:
+    """A tensor name as it appears in a message: quoted, escaped (one line), shortened."""
+    text = repr(name)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _no_duplicates(pairs):
+    """object_pairs_hook for json: a repeated name is an error, not a silent overwrite."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise CheckpointError(f"{_entry(key)} appears twice")
+        out[key] = value
+    return out
+
+
+def _json_kind(x) -> str:
+    kinds = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return kinds.get(type(x), "object")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_entry(info, data_len):
+    """(dtype, shape, start, end) of one header entry, or CheckpointError saying what is wrong."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"is a JSON {_json_kind(info)}, not an object of dtype, shape and data_offsets")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+    if missing:
+        raise CheckpointError(f"lacks {', '.join(missing)}")
+    dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype_name, str) or dtype_name not in _ST_DTYPES:
+        raise CheckpointError(f"unknown dtype {str(dtype_name)[:20]!r} (known: {', '.join(_ST_DTYPES)})")
+    dtype = _ST_DTYPES[dtype_name]
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise CheckpointError(f"shape {str(shape)[:60]} is not a list of non-negative integers")
+    if len(shape) > _ST_MAX_DIMS:
+        raise CheckpointError(f"shape has {len(shape)} dimensions (at most {_ST_MAX_DIMS})")
+    extent = 1  # the product of max(d, 1): the largest stride of the tensor must fit in int64
+    for d in shape:
+        extent *= max(d, 1)
+        if extent > _INT64_MAX:
+            raise CheckpointError(f"shape {str(shape)[:60]} overflows 64-bit sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise CheckpointError(f"data_offsets {str(offsets)[:60]} is not a pair of integers")
+    start, end = offsets
+    if not 0 <= start <= end <= data_len:
+        raise CheckpointError(f"data_offsets [{start}, {end}] lie outside the data section (0 to {data_len} bytes)")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel * dtype.itemsize != end - start:
+        raise CheckpointError(f"shape {shape} of {dtype_name} needs {numel * dtype.itemsize} bytes "
+                              f"but data_offsets [{start}, {end}] span {end - start}")
+    return dtype, shape, start, end
+
+
+def _safetensors_header(path, f, size):
+    """The validated header of an open .safetensors file: (data section start, {name: (dtype, shape, start, end)}).
+
+    Everything is checked before any tensor memory is touched; the first violation raises one line.
+    """
+    bad = f"malformed safetensors file {path}"
+    if size < 8:
+        raise CheckpointError(f"{bad}: {size} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > size - 8:
+        raise CheckpointError(f"{bad}: header length {n} exceeds the file ({size} bytes): truncated or not safetensors")
+    if n > _ST_MAX_HEADER:
+        raise CheckpointError(f"{bad}: header length {n} exceeds the {_ST_MAX_HEADER}-byte limit")
+    raw = f.read(n)
+    if len(raw) != n:
+        raise CheckpointError(f"{bad}: the header is cut short")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except CheckpointError as e:
+        raise CheckpointError(f"{bad}: header entry {e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{bad}: the header is not valid JSON ({_first_line(e, 120)})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{bad}: the header is a JSON {_json_kind(header)}, not an object")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{bad}: __metadata__ is not a map of strings to strings")
+    data_len = size - 8 - n
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            entries[name] = _check_entry(info, data_len)
+        except CheckpointError as e:
+            raise CheckpointError(f"{bad}: tensor {_entry(name)} {e}") from None
+    spans = sorted((start, end, name) for name, (_, _, start, end) in entries.items() if end > start)
+    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise CheckpointError(f"{bad}: tensor {_entry(b)} overlaps {_entry(a)} in the data section")
+    return 8 + n, entries
 
 
 def _read_safetensors(path):
@@ -102,33 +235,27 @@ def _read_safetensors(path):
 
     The format is an 8-byte little-endian header length, a JSON header of
     `{name: {dtype, shape, data_offsets}}`, then the raw data; we view it directly because
-    `safetensors.torch.load_file` copies every tensor into fresh memory.
+    `safetensors.torch.load_file` copies every tensor into fresh memory. The header is validated
+    in full first (`_safetensors_header`), so a hostile file ends in one CheckpointError line.
     """
     try:
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    except (OSError, ValueError, struct.error) as e:
-        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
-    base = 8 + n
+            size = os.fstat(f.fileno()).st_size
+            base, entries = _safetensors_header(path, f, size)
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > base else None
+    except OSError as e:
+        raise CheckpointError(f"cannot read safetensors file {path}: {e.strerror or e}") from None
     tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
+    for name, (dtype, shape, start, end) in entries.items():
         try:
-            dtype = _ST_DTYPES[info["dtype"]]
-            start, end = info["data_offsets"]
-            shape = info["shape"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"malformed safetensors header in {path} at {name!r}") from None
-        if base + end > len(buf):
-            raise CheckpointError(f"truncated safetensors file {path}: {name!r} lies past its end")
-        count = (end - start) // dtype.itemsize
-        if count == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        else:
-            tensors[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=base + start).view(shape)
+            if end == start:
+                tensors[name] = torch.empty(shape, dtype=dtype)
+            else:
+                count = (end - start) // dtype.itemsize
+                tensors[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=base + start).view(shape)
+        except (RuntimeError, ValueError) as e:  # not expected after the checks above; still one line
+            raise CheckpointError(f"malformed safetensors file {path}: tensor {_entry(name)}: "
+                                  f"{_first_line(e)}") from None
     return tensors
 
 
@@ -214,10 +341,14 @@ def check_keys(model_sd, weights):
     unexpected = sorted(set(weights) - set(expected))
     wrong = [(k, tuple(weights[k].shape), tuple(expected[k].shape))
              for k in sorted(set(expected) & set(weights)) if weights[k].shape != expected[k].shape]
-    if not (missing or unexpected or wrong):
+    # A float weight stored as integers or booleans is no weight (position_ids are remade, any dtype goes).
+    kinds = [(k, weights[k].dtype) for k in sorted(set(expected) & set(weights))
+             if k != POSITION_IDS and expected[k].is_floating_point() and not weights[k].is_floating_point()]
+    if not (missing or unexpected or wrong or kinds):
         return
 
     def some(items):
+        items = [i if str(i).isprintable() else repr(i) for i in items]  # a hostile name stays on one line
         return ", ".join(str(i) for i in items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
 
     parts = []
@@ -227,6 +358,9 @@ def check_keys(model_sd, weights):
         parts.append(f"{len(unexpected)} unexpected key(s): {some(unexpected)}")
     if wrong:
         parts.append(f"{len(wrong)} wrong shape(s): {some([f'{k} is {list(a)} in the file, {list(b)} in the model' for k, a, b in wrong])}")
+    if kinds:
+        stored = [f"{k} is {str(d).replace('torch.', '')}" for k, d in kinds]
+        parts.append(f"{len(kinds)} non-float weight(s): {some(stored)}")
     raise CheckpointError("checkpoint does not match the config: " + "; ".join(parts) + ". Likely cause: "
                           + _guess_cause(missing, unexpected, wrong))
 
@@ -257,6 +391,11 @@ def load_model(config, ckpt, device="cpu", dtype=torch.float32, use_ema=False):
         log.info("the checkpoint lacks %d text-encoder weights that are never used; filled with zeros", len(unused))
         weights.update({k: torch.zeros(model_sd[k].shape, dtype=model_sd[k].dtype) for k in unused})
     check_keys(model_sd, weights)
+    for name, value in extras.items():  # the config's schedule is used, but a file's must still fit it
+        if name in SCHEDULE_BUFFERS and (value.shape != getattr(model, name).shape or not value.is_floating_point()):
+            raise CheckpointError(f"checkpoint does not match the config: schedule buffer {name} is "
+                                  f"{list(value.shape)} {str(value.dtype).replace('torch.', '')} in the file, "
+                                  f"{list(getattr(model, name).shape)} float in the model")
 
     # position_ids: some files hold them as floats (or drifted); the canonical values are exact.
     if POSITION_IDS in weights:
@@ -269,8 +408,14 @@ def load_model(config, ckpt, device="cpu", dtype=torch.float32, use_ema=False):
     weights.update({name: getattr(model, name) for name in SCHEDULE_BUFFERS})
     model.load_state_dict(weights, strict=True, assign=True)
 
-    if "betas" in extras and not torch.allclose(extras["betas"].float().cpu(), model.betas.cpu(), rtol=1e-4):
+    betas = extras.get("betas")
+    if betas is not None and (betas.shape != model.betas.shape or not betas.is_floating_point()
+                              or not torch.allclose(betas.float().cpu(), model.betas.cpu(), rtol=1e-4)):
         log.warning("the checkpoint's noise schedule differs from the config's; using the config's")
     if "scale_factor" in extras:
-        model.scale_factor = float(extras["scale_factor"])
+        scale = extras["scale_factor"]
+        if scale.numel() != 1 or not scale.is_floating_point() or not torch.isfinite(scale).all() or scale.item() == 0:
+            raise CheckpointError(f"{ckpt}: scale_factor is not one finite non-zero number "
+                                  f"(shape {list(scale.shape)}, {scale.dtype})")
+        model.scale_factor = float(scale)
     return model.eval().requires_grad_(False)

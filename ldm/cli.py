@@ -3,10 +3,10 @@
 This module parses arguments, checks everything that can be checked before a model is loaded,
 writes files, draws progress bars and prints; the generation itself is `ldm.pipeline.Txt2Img`.
 Heavy imports (torch, the models) happen after parsing, so `--help` is instant. Nothing is
-downloaded: Hugging Face libraries are put in offline mode before they are imported.
+downloaded but the safety checker, once, on first use (unless HF_HUB_OFFLINE=1).
 
 Exit status: 0 done, 1 error (one line `txt2img: error: ...` on stderr), 2 usage error, 130
-interrupted (the images already saved stay, and the grid of those is written).
+interrupted, 143 terminated (SIGTERM) (the images already saved stay, and the grid of those is written).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from .defaults import DEFAULT_CKPT, DEFAULT_CONFIG, DEFAULT_OUTDIR, DEFAULT_PROMPT, set_openmp_defaults
+from .signals import exit_status, interrupts
 
 PROG = "txt2img"
 NEGATIVE_MARK = "--negative_prompt"  # separates a line's prompt from its negative prompt in --from-file
@@ -134,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("safety checker and watermark")
     g.add_argument("--safety_checker", type=str, default=None, metavar="DIR",
-                   help="folder of a StableDiffusionSafetyChecker (save_pretrained); default: the local Hugging Face "
-                        "cache of CompVis/stable-diffusion-safety-checker")
+                   help="folder of a StableDiffusionSafetyChecker (save_pretrained); default: the Hugging Face "
+                        "cache of CompVis/stable-diffusion-safety-checker, downloaded there once if missing")
     g.add_argument("--no_safety_checker", action="store_true", help="run without the safety checker")
     g.add_argument("--nsfw", choices=["black", "blur"], default="black",
                    help="what replaces a flagged image (default %(default)s)")
@@ -249,8 +250,8 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub, whatever gets imported
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # The hub is reached only to fetch a missing safety checker once (ldm.safety; HF_HUB_OFFLINE=1 forbids it):
+    # every other Hugging Face load here is local_files_only.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     set_openmp_defaults()  # before torch is imported; a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins
 
@@ -260,10 +261,11 @@ def main(argv=None) -> int:
     ldm_log.addHandler(handler)
     ldm_log.setLevel(handler.level)
     try:
-        return _run(args, given)
-    except KeyboardInterrupt:
+        with interrupts():  # SIGTERM as SIGINT; a second signal ends the process at once
+            return _run(args, given)
+    except KeyboardInterrupt as e:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return exit_status(e)
     except OSError as e:
         print(f"{PROG}: error{_rank_tag()}: {one_line(os_error_message(e))}", file=sys.stderr)
         return EXIT_ERROR
@@ -295,7 +297,7 @@ def _run(args, given) -> int:
     if args.from_png and args.from_file:
         raise ValueError("--from_png and --from-file cannot be combined")
 
-    from . import pipeline
+    from . import checks, pipeline
     from .pipeline import Options, Txt2Img
 
     # --- what to run: flags, then --demo and --from_png where the flags were not given explicitly
@@ -337,6 +339,7 @@ def _run(args, given) -> int:
     auto_size = [name for name in ("H", "W") if getattr(args, name) is None]  # 768 for a v model, else 512
     for name in auto_size:
         setattr(args, name, 512)
+    checks.check_flags(args)  # finite, in range, a known device form: after --from_png filled in its values
     opts = Options(sampler=sampler, steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta, H=args.H, W=args.W,
                    C=args.C, f=args.f, emphasis=not args.no_emphasis, intermediates=args.save_intermediates,
                    batched=args.batched)
@@ -357,6 +360,7 @@ def _run(args, given) -> int:
     else:
         batches = pipeline.prompt_batches(args.prompt, negative, args.n_samples, repeat=True)
     plan = pipeline.plan_work(batches, args.n_iter, args.seed, args.fixed_code)
+    checks.seeds_fit(args.seed, sum(len(items) for items in plan))
 
     config = pipeline.repo_path(args.config) if args.config else None  # None: detected from the checkpoint
     ckpt = pipeline.repo_path(args.ckpt)
@@ -495,7 +499,8 @@ def _generate(args, pipe, opts, plan, outdir, sample_dir, inter_dir, load_s, job
     finally:
         # on success or Ctrl-C, the grid of what finished; after any other error, nothing more
         grid_path = None
-        interrupted = sys.exc_info()[0] is KeyboardInterrupt
+        stop = sys.exc_info()[1]
+        interrupted = isinstance(stop, KeyboardInterrupt)
         if job and status == 0:  # the images of every rank, and those a --resume found, in index order
             gathered = world.gather([(r.item.index, r.image) for r in done])
             stats = world.gather((len(written), flagged, sampling_s, steps_run))
@@ -515,7 +520,7 @@ def _generate(args, pipe, opts, plan, outdir, sample_dir, inter_dir, load_s, job
             saved = f"{len(written)} image(s) saved in {sample_dir}" if written else "no image saved"
             grid_note = f"; grid of the finished images: {grid_path}" if grid_path else ""
             print(f"{PROG}: interrupted: {saved}{grid_note}", file=sys.stderr)
-            return EXIT_INTERRUPTED  # noqa: B012 (the interrupt is reported, not re-raised)
+            return exit_status(stop)  # noqa: B012 (the interrupt is reported, not re-raised)
 
     per_step = sampling_s / steps_run if steps_run else 0.0
     where = []

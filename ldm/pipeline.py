@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from . import detect
+from . import checks
 from . import images as imagelib
 from .accel import CUDAGraphs, compile_unet
 from .checkpoint import CheckpointError, load_model
@@ -116,9 +117,11 @@ def checkpoint_hash(path) -> str:
 def pick_device(name: str | None = None) -> torch.device:
     """The named device, or the best available: cuda > mps > cpu."""
     if name:
-        device = torch.device(name)
+        device = torch.device(checks.device(str(name)))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {name!r}: CUDA is not available on this machine")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
             raise ValueError(f"device {name!r}: Apple MPS is not available on this machine")
         return device
@@ -240,6 +243,9 @@ class Options:
         for name in ("H", "W"):
             if getattr(self, name) % self.f:
                 raise ValueError(f"--{name} must be a multiple of --f ({self.f}), got {getattr(self, name)}")
+        checks.number("scale", self.scale)
+        if self.eta is not None:
+            checks.number("ddim_eta", self.eta)
         check_eta(sampler.name, self.eta)
         if model is not None:
             if self.C != model.channels:

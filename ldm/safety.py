@@ -1,9 +1,10 @@
 """The safety checker of the original txt2img: diffusers' StableDiffusionSafetyChecker.
 
-It is loaded from local files only, never downloaded: a folder given by the user (a
-`save_pretrained` folder with `config.json`, the weights and `preprocessor_config.json`), or
-the local Hugging Face cache of CompVis/stable-diffusion-safety-checker. When it cannot be
-loaded, `SafetyCheckerError` says how to provide it; it is never skipped silently.
+It is loaded from a folder given by the user (a `save_pretrained` folder with `config.json`, the
+weights and `preprocessor_config.json`), or from the Hugging Face cache of
+CompVis/stable-diffusion-safety-checker. On first use, when it is not cached, it is downloaded once
+into that cache (with a progress bar), as the original txt2img did; offline (`HF_HUB_OFFLINE=1`)
+or without network, `SafetyCheckerError` says how to provide it. It is never skipped silently.
 
 A flagged image is replaced, not written as generated: by a black image (the default) or a
 heavily blurred one.
@@ -71,33 +72,27 @@ class SafetyChecker:
         self.device = device
 
     @classmethod
-    def load(cls, path=None, device="cpu") -> SafetyChecker:
-        """From the folder `path`, or from the local Hugging Face cache when `path` is None."""
-        source = HUB_ID if path is None else str(path)
+    def load(cls, path=None, device="cpu", download=True) -> SafetyChecker:
+        """From the folder `path`, or from the Hugging Face cache when `path` is None, downloading it
+        there first if it is missing, `download` is true and the hub is not in offline mode."""
         if path is not None:
             folder = Path(path)
             if not folder.is_dir():
                 raise SafetyCheckerError(f"safety checker folder not found: {path}; {how_to_provide()}")
             missing = [n for n in ("config.json", "preprocessor_config.json") if not (folder / n).is_file()]
-            if not any((folder / n).is_file() for n in ("model.safetensors", "pytorch_model.bin")):
+            if not any((folder / n).is_file() for n in WEIGHT_FILES):
                 missing.append("model.safetensors")
             if missing:
                 raise SafetyCheckerError(
                     f"safety checker folder {path} lacks {', '.join(missing)}; {how_to_provide()}")
+            return cls(*_load_local(str(path), f"folder {path}"), device)
         try:
-            from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-
-            with _quiet_hf():
-                processor = _image_processor_class().from_pretrained(source, local_files_only=True)
-                model = StableDiffusionSafetyChecker.from_pretrained(source, local_files_only=True)
-        except Exception as e:  # transformers raises OSError, ValueError... for missing or broken files
-            if path is None:
-                reason = f"it is not in the local Hugging Face cache ({HUB_ID})"
-            else:
-                detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                reason = f"folder {path}: {detail[:160]}"
-            raise SafetyCheckerError(f"cannot load the safety checker: {reason}; {how_to_provide()}") from None
-        log.info("safety checker loaded from %s", source)
+            model, processor = _load_local(HUB_ID, "")
+        except SafetyCheckerError:
+            if not download or _hub_offline():
+                raise SafetyCheckerError(f"cannot load the safety checker: it is not in the local Hugging Face cache "
+                                         f"({HUB_ID}); {how_to_provide()}") from None
+            model, processor = _load_local(str(download_to_cache()), "the downloaded files")
         return cls(model, processor, device)
 
     def flags(self, images: list[Image.Image]) -> list[bool]:
@@ -111,6 +106,67 @@ class SafetyChecker:
         with torch.no_grad(), _quiet_hf():
             _, flagged = self.model(clip_input=clip_input, images=arrays)  # it blacks out its copy; ours stay
         return [bool(f) for f in flagged]
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _load_local(source: str, where: str):
+    """(model, processor) from a folder or the local cache only; SafetyCheckerError naming `where`."""
+    try:
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+        with _quiet_hf():
+            processor = _image_processor_class().from_pretrained(source, local_files_only=True)
+            model = StableDiffusionSafetyChecker.from_pretrained(source, local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError... for missing or broken files
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SafetyCheckerError(f"cannot load the safety checker: {where}: {detail[:160]}; {how_to_provide()}") from None
+    log.info("safety checker loaded from %s", source)
+    return model, processor
+
+
+def _hub_offline() -> bool:
+    """huggingface_hub's offline mode (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE, read when it was imported)."""
+    import huggingface_hub
+
+    check = getattr(huggingface_hub, "is_offline_mode", None)
+    return bool(check()) if check else bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def download_to_cache() -> Path:
+    """Download the safety checker into the Hugging Face cache (once; progress bars on stderr) and
+    return its snapshot folder. SafetyCheckerError when the hub cannot be reached."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        # One plain request first: hf_hub_download retries an unreachable hub for half a minute.
+        get_hf_file_metadata(hf_hub_url(HUB_ID, "config.json"), timeout=10)
+    except Exception as e:
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SafetyCheckerError(f"cannot load the safety checker: it is not in the local Hugging Face cache ({HUB_ID}) "
+                                 f"and the hub could not be reached ({type(e).__name__}: {detail[:160]}); "
+                                 f"{how_to_provide()}") from None
+    try:
+        for name in ("config.json", "preprocessor_config.json"):
+            config = hf_hub_download(HUB_ID, name)
+        # The hub answered: say so once before the large file (its progress bar follows).
+        log.warning("the safety checker %s is not in the Hugging Face cache: downloading it once "
+                    "(about 1.2 GB; --no_safety_checker runs without it)", HUB_ID)
+        for name in WEIGHT_FILES:  # safetensors where the repository has it, else the pickled weights
+            try:
+                hf_hub_download(HUB_ID, name)
+                break
+            except EntryNotFoundError as e:
+                if isinstance(e, LocalEntryNotFoundError) or name == WEIGHT_FILES[-1]:
+                    raise
+    except Exception as e:  # no network (LocalEntryNotFoundError, httpx errors), a refused or broken download
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SafetyCheckerError(f"cannot load the safety checker: it is not in the local Hugging Face cache ({HUB_ID}) "
+                                 f"and downloading it failed ({type(e).__name__}: {detail[:160]}); "
+                                 f"{how_to_provide()}") from None
+    return Path(config).parent
 
 
 def replacement(img: Image.Image, mode: str = "black") -> Image.Image:

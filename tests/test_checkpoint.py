@@ -281,3 +281,27 @@ def test_original_yaml_loads_unchanged_and_matches_sd_v1_4_layout():
     for k, shape in shapes.items():
         assert tuple(sd[k].shape) == shape, k
     assert sum(v.numel() for k, v in sd.items() if k.startswith("model.")) == 859_520_964
+
+
+def test_integer_weights_and_misfit_schedule_buffers_are_mismatches(tiny, tmp_path):
+    """A file the reader accepts but whose tensors cannot be this model's weights is refused by the loader."""
+    config, _, sd = tiny
+    cases = {
+        "int weight": ({"model.diffusion_model.out.2.bias": sd["model.diffusion_model.out.2.bias"].to(torch.int32)},
+                       "1 non-float weight(s): model.diffusion_model.out.2.bias is int32"),
+        "short schedule": ({"betas": sd["betas"][:500]},
+                           "schedule buffer betas is [500] float32 in the file, [1000] float in the model"),
+        "int schedule": ({"alphas_cumprod": sd["alphas_cumprod"].to(torch.int64)},
+                         "schedule buffer alphas_cumprod is [1000] int64 in the file"),
+        "nan scale_factor": ({"scale_factor": torch.tensor(float("nan"))}, "scale_factor is not one finite non-zero number"),
+        "vector scale_factor": ({"scale_factor": torch.ones(2)}, "scale_factor is not one finite non-zero number"),
+    }
+    for label, (change, expected) in cases.items():
+        path = tmp_path / f"{label.replace(' ', '_')}.safetensors"
+        save_file({**sd, **change}, str(path))
+        with pytest.raises(CheckpointError) as e:
+            load_model(config, path)
+        assert expected in str(e.value) and "\n" not in str(e.value), (label, str(e.value))
+    path = tmp_path / "scale.safetensors"  # a sane scale_factor is taken
+    save_file({**sd, "scale_factor": torch.tensor(0.5)}, str(path))
+    assert load_model(config, path).scale_factor == 0.5

@@ -302,8 +302,8 @@ def test_safety_checker_replaces_flagged_images_and_reports_them(tiny, safety_di
 
 
 def test_missing_safety_checker_stops_with_how_to_fix(tiny, tmp_path):
-    """Default: the local Hugging Face cache (empty here), never a download, never skipped silently."""
-    r = run_script(base_args(tiny, tmp_path / "out")[:-1], env={"HF_HOME": str(tmp_path / "hf")})
+    """Default: the local Hugging Face cache (empty here), offline: no download, never skipped silently."""
+    r = run_script(base_args(tiny, tmp_path / "out")[:-1], env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("txt2img: error: cannot load the safety checker")
     assert "--no_safety_checker" in r.stderr and "--safety_checker DIR" in r.stderr
