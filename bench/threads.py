@@ -5,6 +5,7 @@ GOMP_SPINCOUNT default.
 
     python bench/threads.py                 # 4 repeats of every setting, interleaved; quiet, then busy
     python bench/threads.py --repeats 6 --only busy
+    python bench/threads.py --size 512 --steps 5 --images 1    # the demo UNet on 64x64 latents
 
 Each measurement is a fresh process (libgomp reads GOMP_SPINCOUNT when it loads) that loads the
 demo model, renders one warm-up image, then times the steps of the next images between the first
@@ -32,10 +33,10 @@ from ldm.pipeline import Txt2Img
 pipe = Txt2Img.from_files("configs/demo/shapes.yaml", "models/demo/shapes.safetensors", device="cpu", hash_model=False)
 threads = {threads!r}
 if threads == "auto":
-    threads = choose_threads(pipe.unet_params, 8 * 8, torch.get_num_threads())
+    threads = choose_threads(pipe.unet_params, ({size} // 8) ** 2, torch.get_num_threads())
 torch.set_num_threads(int(threads))
 stamps = []
-kw = dict(H=64, W=64, steps={steps}, n_samples=1, n_iter=1, seed=1)
+kw = dict(H={size}, W={size}, steps={steps}, n_samples=1, n_iter=1, seed=1)
 pipe("a red circle on a white background", **kw)
 per_step = []
 for i in range({images}):
@@ -49,15 +50,16 @@ SETTINGS = [  # (label, threads, GOMP_SPINCOUNT or None for libgomp's default)
     ("1 thread", "1", "10000"),
     ("2 threads, GOMP_SPINCOUNT=10000", "2", "10000"),
     ("2 threads, libgomp default spin", "2", None),
+    ("2 threads, GOMP_SPINCOUNT=0 (passive)", "2", "0"),
     ("automatic (choose_threads)", "auto", "10000"),
 ]
 
 
-def measure(threads, spin, steps, images):
+def measure(threads, spin, steps, images, size):
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     if spin is not None:
         env["GOMP_SPINCOUNT"] = spin
-    code = CHILD.format(root=str(ROOT), threads=threads, steps=steps, images=images)
+    code = CHILD.format(root=str(ROOT), threads=threads, steps=steps, images=images, size=size)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     if r.returncode:
         raise SystemExit(r.stderr)
@@ -71,6 +73,7 @@ def main():
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--images", type=int, default=3)
     ap.add_argument("--only", choices=["quiet", "busy"])
+    ap.add_argument("--size", type=int, default=64, help="image side in pixels (default 64, the demo's own)")
     args = ap.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs")
     rows = []
@@ -83,7 +86,7 @@ def main():
             used = {}
             for _ in range(args.repeats):  # interleaved: every setting once per round
                 for label, threads, spin in SETTINGS:
-                    n, best, median = measure(threads, spin, args.steps, args.images)
+                    n, best, median = measure(threads, spin, args.steps, args.images, args.size)
                     used[label] = n
                     times[label].append(median)
         finally:
@@ -92,7 +95,7 @@ def main():
                 busy.wait()
         for label, *_ in SETTINGS:
             t = times[label]
-            rows.append(f"| demo 64x64, {condition} | {label} ({used[label]}) | {min(t) * 1e3:.1f} | "
+            rows.append(f"| demo {args.size}x{args.size}, {condition} | {label} ({used[label]}) | {min(t) * 1e3:.1f} | "
                         f"{statistics.median(t) * 1e3:.1f} | {max(t) * 1e3:.1f} |")
     print(f"load average at end: {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M')}")
     print("| run | threads (count) | ms/step min | median | max |")
