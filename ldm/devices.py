@@ -15,10 +15,11 @@ import os
 
 PRECISIONS = ("full", "autocast", "half")
 
-# UNet parameters x latent pixels below which a step runs on one thread. The demo model at 64x64
-# is 1.1e6 x 64 = 7e7 and still loses with 2 threads at 512x512 (1.1e6 x 4096 = 4.4e9); the v1 UNet
-# is 8.6e8 x 64 = 5.5e10 already at 64x64 and 8.8e11 at 256x256, where it scales to both cores.
-PARALLEL_WORK = 1e10
+# UNet parameters x latent pixels below which a step runs on one thread. Measured on 2 cores beside a
+# busy process, with libgomp not spinning (bench/README.md, "Threads"): the demo UNet (1.08e6 parameters)
+# at 64x64 (7e7) is fastest on one thread; at 256x256 (1.1e9) one and two threads tie; at 512x512 (4.4e9)
+# two threads are 1.7x faster. The v1 UNet (8.6e8) is 5.5e10 already at 64x64.
+PARALLEL_WORK = 2e9
 
 
 def choose_threads(unet_params: int, latent_pixels: int, cores: int) -> int:

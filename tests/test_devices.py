@@ -8,12 +8,13 @@ V1_UNET = 859_520_964  # Stable Diffusion v1
 
 def test_small_work_runs_on_one_thread():
     assert choose_threads(DEMO_UNET, 8 * 8, cores=2) == 1  # the demo model at 64x64
-    assert choose_threads(DEMO_UNET, 64 * 64, cores=16) == 1  # ... and at 512x512
+    assert choose_threads(DEMO_UNET, 32 * 32, cores=16) == 1  # ... and at 256x256
     assert choose_threads(100_000, 8 * 8, cores=64) == 1  # the test suite's tiny model
 
 
 def test_large_work_runs_on_every_core():
     assert choose_threads(V1_UNET, 32 * 32, cores=2) == 2  # v1 at 256x256
+    assert choose_threads(DEMO_UNET, 64 * 64, cores=2) == 2  # the demo model at 512x512
     assert choose_threads(V1_UNET, 64 * 64, cores=16) == 16  # v1 at 512x512
     assert choose_threads(V1_UNET, 8 * 8, cores=4) == 4  # v1 even at 64x64
 
