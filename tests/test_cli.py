@@ -371,6 +371,31 @@ def test_from_png_finds_the_checkpoint_under_models_and_in_the_hash_cache(first_
     assert np.array_equal(pixels(tmp_path / "c" / "samples" / "00000.png"), pixels(source))
 
 
+def test_a_run_reads_each_checkpoint_for_its_hash_at_most_once(first_run, tiny, tmp_path, monkeypatch):
+    """--from_png searches by hash, then loads: the file found is hashed once (the cache serves the
+    load), and a later run hashes nothing."""
+    import ldm.hashing
+
+    hashed, real_open = [], open
+
+    def counting_open(path, *args, **kwargs):
+        if args[:1] == ("rb",):
+            hashed.append(Path(path).resolve())
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(ldm.hashing, "open", counting_open, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    shutil.copy(tiny.ckpt, tmp_path / "models" / "tiny.safetensors")
+    source = first_run.outdir / "samples" / "00000.png"
+    run_ok(["--config", tiny.config, "--outdir", "a", "--no_safety_checker", "--from_png", source])
+    assert hashed.count((tmp_path / "models" / "tiny.safetensors").resolve()) == 1
+    assert len(hashed) == len(set(hashed))
+    hashed.clear()
+    run_ok(["--config", tiny.config, "--outdir", "b", "--no_safety_checker", "--from_png", source])
+    assert hashed == []
+
+
 def test_from_png_of_an_unknown_model_says_which_model_and_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     text = "a red fox\nSteps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 1, Size: 64x64, Model hash: 0123abcdef, Model: mystery"
