@@ -374,7 +374,7 @@ def _run(explicit: dict) -> int:
     check_args(args)
 
     from . import pipeline
-    from .pipeline import Options, Txt2Img
+    from .pipeline import Options
 
     opts = Options(sampler=resolve_sampler(args), steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta,
                    H=args.H, W=args.W, C=args.C, f=args.f, emphasis=not args.no_emphasis,

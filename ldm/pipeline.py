@@ -58,6 +58,14 @@ from .samplers import sample as run_sampler
 
 log = logging.getLogger(__name__)
 
+__all__ = [  # the library's API, and what the command line and the tests import from here
+    "Txt2Img", "generate", "Options", "Result", "latent_factor",
+    "WorkItem", "prompt_batches", "plan_work", "start_code", "check_counts",
+    "pick_device", "resolve_precision", "choose_threads", "PRECISIONS",
+    "checkpoint_hash", "find_checkpoint", "repo_path", "missing_checkpoint_message", "REPO_ROOT", "DEMO_CONFIG",
+    "DEMO_CKPT", "WEBUI_SAMPLER_NAMES", "options_from_parameters", "sampler_from_label", "settings", "parameters_text",
+]
+
 # ----------------------------------------------------------------------------- options and results
 
 
