@@ -3,7 +3,13 @@
 This module parses arguments, checks everything that can be checked before a model is loaded,
 writes files, draws progress bars and prints; the generation itself is `ldm.pipeline.Txt2Img`.
 Heavy imports (torch, the models) happen after parsing, so `--help` is instant. Nothing is
-downloaded but the safety checker, once, on first use (unless HF_HUB_OFFLINE=1).
+downloaded but the safety checker, once, on first use (unless HF_HUB_OFFLINE=1); Hugging Face
+libraries are imported only when the safety checker needs them.
+
+Where a setting comes from, highest first: a flag given on the command line, the image of
+--from_png (its settings and the checkpoint found by its model hash), the --demo preset, the
+defaults (`DEFAULTS`). The parser itself has no defaults (argparse.SUPPRESS), so what it returns
+is exactly the flags given.
 
 Exit status: 0 done, 1 error (one line `txt2img: error: ...` on stderr), 2 usage error, 130
 interrupted, 143 terminated (SIGTERM) (the images already saved stay, and the grid of those is written).
@@ -21,12 +27,30 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from .defaults import DEFAULT_CKPT, DEFAULT_CONFIG, DEFAULT_OUTDIR, DEFAULT_PROMPT, set_openmp_defaults
+from .paths import DEMO_CKPT, DEMO_CONFIG
 from .signals import exit_status, interrupts
 
 PROG = "txt2img"
 NEGATIVE_MARK = "--negative_prompt"  # separates a line's prompt from its negative prompt in --from-file
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+# Every flag's value when nothing else sets it (argparse destinations).
+DEFAULTS = {
+    "prompt": DEFAULT_PROMPT, "negative_prompt": "", "from_file": None, "from_png": None, "no_emphasis": False,
+    "sampler": None, "list_samplers": False, "plms": False, "dpm_solver": False, "ddim_steps": 50, "ddim_eta": None,
+    "scale": 7.5, "seed": 42, "fixed_code": False, "n_iter": 2, "n_samples": 3, "batched": False,
+    "H": None, "W": None, "C": 4, "f": 8, "repeat": 1,  # H, W: 768 for a v-prediction model, else 512
+    "config": None, "parameterization": None, "bf16": False, "torchscript": False, "ipex": False,
+    "ckpt": DEFAULT_CKPT, "demo": False, "use_ema": False, "device": None,
+    "precision": "autocast", "threads": None, "compile": False, "cuda_graphs": False, "laion400m": False,
+    "outdir": DEFAULT_OUTDIR, "skip_grid": False, "skip_save": False, "n_rows": 0, "resume": False,
+    "save_intermediates": False,
+    "safety_checker": None, "no_safety_checker": False, "nsfw": "black", "watermark": "StableDiffusionV1",
+    "no_watermark": False, "verbose": False,
+}
+DEMO_PRESET = {"config": DEMO_CONFIG, "ckpt": DEMO_CKPT, "H": 64, "W": 64}
+SAMPLER_FLAGS = ("sampler", "plms", "dpm_solver")  # one choice: a layer that sets any of them replaces all three
 
 
 class UsageError(Exception):
@@ -44,8 +68,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The flags, without defaults: parse_args returns only those given (see `DEFAULTS`)."""
+    d = DEFAULTS
     p = _Parser(
-        prog=PROG, allow_abbrev=False,
+        prog=PROG, allow_abbrev=False, argument_default=argparse.SUPPRESS,
         description="Stable Diffusion v1 and 2.x text-to-image. Samples go to OUTDIR/samples/NNNNN.png, "
                     "grids to OUTDIR/grid-NNNN.png.",
         epilog="Image k of a run (in the order files are written) starts from the noise of seed + k: "
@@ -53,79 +79,81 @@ def build_parser() -> argparse.ArgumentParser:
                "Start with --demo to try the bundled demo model.",
     )
     g = p.add_argument_group("prompts")
-    g.add_argument("--prompt", type=str, default=DEFAULT_PROMPT, nargs="?", const=DEFAULT_PROMPT,
-                   help="the prompt to render (default: %(default)r)")
-    g.add_argument("--negative_prompt", type=str, default="",
+    g.add_argument("--prompt", type=str, nargs="?", const=DEFAULT_PROMPT,
+                   help=f"the prompt to render (default: {d['prompt']!r})")
+    g.add_argument("--negative_prompt", type=str,
                    help="what the image should not show (the unconditional prompt of guidance)")
-    g.add_argument("--from-file", dest="from_file", type=str, default=None, metavar="FILE",
+    g.add_argument("--from-file", dest="from_file", type=str, metavar="FILE",
                    help="UTF-8 file of prompts, one a line (blank lines skipped), batched by --n_samples; "
                         f"'PROMPT {NEGATIVE_MARK} NEGATIVE' gives a line its own negative prompt")
-    g.add_argument("--from_png", type=str, default=None, metavar="FILE",
-                   help="re-run the image FILE from its PNG metadata (prompt, seed, sampler, steps, scale, size); "
-                        "flags given explicitly still win")
-    g.add_argument("--repeat", type=int, default=1,
-                   help="with --from-file, render each prompt of the file this many times in a row (default %(default)s)")
+    g.add_argument("--from_png", type=str, metavar="FILE",
+                   help="re-run the image FILE from its PNG metadata (prompt, seed, sampler, steps, scale, size), "
+                        "with the checkpoint its model hash names (searched in the demo model, models/ and the "
+                        "checkpoints hashed before); flags given explicitly still win")
+    g.add_argument("--repeat", type=int,
+                   help=f"with --from-file, render each prompt of the file this many times in a row (default {d['repeat']})")
     g.add_argument("--no_emphasis", action="store_true",
                    help="take prompts literally: no (word), [word], {word}, (word:1.3) weighting")
 
     g = p.add_argument_group("sampling")
-    g.add_argument("--sampler", type=str, default=None, metavar="NAME",
-                   help="sampler (default ddim); see --list_samplers")
+    g.add_argument("--sampler", type=str, metavar="NAME", help="sampler (default ddim); see --list_samplers")
     g.add_argument("--list_samplers", action="store_true", help="list the samplers and exit")
     g.add_argument("--plms", action="store_true", help="same as --sampler plms")
     g.add_argument("--dpm_solver", "--dpm", action="store_true", help="same as --sampler dpm_solver")
-    g.add_argument("--ddim_steps", "--steps", type=int, default=50, help="number of sampling steps (default %(default)s)")
-    g.add_argument("--ddim_eta", type=float, default=None,
+    g.add_argument("--ddim_steps", "--steps", type=int, help=f"number of sampling steps (default {d['ddim_steps']})")
+    g.add_argument("--ddim_eta", type=float,
                    help="DDIM eta (default 0.0: deterministic), or the noise scale of the ancestral samplers (default 1.0)")
-    g.add_argument("--scale", type=float, default=7.5,
+    g.add_argument("--scale", type=float,
                    help="classifier-free guidance scale: eps = eps(neg) + scale * (eps(prompt) - eps(neg)) "
-                        "(default %(default)s)")
-    g.add_argument("--seed", type=int, default=42, help="seed of image 0; image k uses seed + k (default %(default)s)")
+                        f"(default {d['scale']})")
+    g.add_argument("--seed", type=int, help=f"seed of image 0; image k uses seed + k (default {d['seed']})")
     g.add_argument("--fixed_code", action="store_true",
                    help="every batch reuses the start codes (seeds) of the first batch")
-    g.add_argument("--n_iter", type=int, default=2, help="how many times to sample each batch (default %(default)s)")
-    g.add_argument("--n_samples", type=int, default=3,
+    g.add_argument("--n_iter", type=int, help=f"how many times to sample each batch (default {d['n_iter']})")
+    g.add_argument("--n_samples", type=int,
                    help="batch size: images per prompt per iteration; with --from-file, prompts per batch "
-                        "(default %(default)s)")
+                        f"(default {d['n_samples']})")
     g.add_argument("--batched", action="store_true",
                    help="sample the --n_samples images of a batch through the model together: faster on a GPU, but an "
                         "image then matches its regeneration alone only up to rounding (default: one at a time, exact)")
-    g.add_argument("--H", type=int, default=None, help="image height in pixels (default 768 for v-prediction models, else 512)")
-    g.add_argument("--W", type=int, default=None, help="image width in pixels (default 768 for v-prediction models, else 512)")
-    g.add_argument("--C", type=int, default=4, help="latent channels (default %(default)s)")
-    g.add_argument("--f", type=int, default=8, help="downsampling factor of the autoencoder (default %(default)s)")
+    g.add_argument("--H", type=int, help="image height in pixels (default 768 for v-prediction models, else 512)")
+    g.add_argument("--W", type=int, help="image width in pixels (default 768 for v-prediction models, else 512)")
+    g.add_argument("--C", type=int, help=f"latent channels (default {d['C']})")
+    g.add_argument("--f", type=int, help=f"downsampling factor of the autoencoder (default {d['f']})")
 
     g = p.add_argument_group("model and device")
-    g.add_argument("--config", type=str, default=None,
+    g.add_argument("--config", type=str,
                    help="model config YAML (default: chosen from the checkpoint: SD v1 -> "
                         f"{DEFAULT_CONFIG}, SD 2.x -> configs/stable-diffusion/v2-inference.yaml or v2-inference-v.yaml)")
-    g.add_argument("--parameterization", choices=["eps", "v"], default=None,
+    g.add_argument("--parameterization", choices=["eps", "v"],
                    help="what the UNet predicts, overriding the config: eps (SD v1, SD 2.x 512-base) or v (SD 2.x "
                         "768-v); without it and without --config, an SD 2.x model is told apart by one UNet evaluation")
-    g.add_argument("--ckpt", type=str, default=DEFAULT_CKPT, help="checkpoint, .ckpt or .safetensors (default %(default)s)")
+    g.add_argument("--ckpt", type=str, help=f"checkpoint, .ckpt or .safetensors (default {d['ckpt']})")
     g.add_argument("--demo", action="store_true",
-                   help="the bundled demo model: --config configs/demo/shapes.yaml "
-                        "--ckpt models/demo/shapes.safetensors --H 64 --W 64")
+                   help=f"the bundled demo model: --config {DEMO_CONFIG} --ckpt {DEMO_CKPT} --H 64 --W 64")
     g.add_argument("--use_ema", action="store_true", help="use the checkpoint's EMA weights of the UNet")
-    g.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
-    g.add_argument("--precision", type=str, choices=["full", "autocast", "half", "bf16"], default="autocast",
+    g.add_argument("--device", type=str, help="cpu, cuda, cuda:1, mps (default: the best available)")
+    g.add_argument("--precision", type=str, choices=["full", "autocast", "half", "bf16"],
                    help="autocast: fp16 compute on CUDA, no-op elsewhere; half: fp16 weights on a GPU "
                         "(full precision on the CPU); bf16: bfloat16 weights (a GPU, or a CPU with bfloat16 support); "
-                        "full: float32 (default %(default)s)")
+                        f"full: float32 (default {d['precision']})")
+    g.add_argument("--bf16", action="store_true", help="same as --precision bf16")
+    g.add_argument("--torchscript", action="store_true", help="accepted for the Stability script's sake; not needed")
+    g.add_argument("--ipex", action="store_true", help="accepted for the Stability script's sake; not needed")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads per operator (default: OMP_NUM_THREADS if set, else 1 for small models and "
+                        "images, where threads only wait on each other, and every core for large ones)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet: fused kernels, after a compile of tens of seconds at the first image")
     g.add_argument("--cuda_graphs", action="store_true",
                    help="on CUDA, replay each UNet step from a CUDA graph instead of launching its kernels one by one")
-    g.add_argument("--bf16", action="store_true", help="same as --precision bf16")
-    g.add_argument("--torchscript", action="store_true", help="accepted for the Stability script's sake; not needed")
-    g.add_argument("--ipex", action="store_true", help="accepted for the Stability script's sake; not needed")
     g.add_argument("--laion400m", action="store_true", help="the original's LAION-400M model: not supported")
 
     g = p.add_argument_group("output")
-    g.add_argument("--outdir", type=str, default=DEFAULT_OUTDIR, help="output folder (default %(default)s)")
+    g.add_argument("--outdir", type=str, help=f"output folder (default {d['outdir']})")
     g.add_argument("--skip_grid", action="store_true", help="do not write the grid")
     g.add_argument("--skip_save", action="store_true", help="do not write the individual samples")
-    g.add_argument("--n_rows", type=int, default=0, help="images per row of the grid (default: --n_samples)")
+    g.add_argument("--n_rows", type=int, help="images per row of the grid (default: --n_samples)")
     g.add_argument("--resume", action="store_true",
                    help="finish an interrupted job: name samples by image index (OUTDIR/samples/<k>.png) and skip "
                         "the images whose file is already a valid PNG (implied naming under torchrun)")
@@ -134,25 +162,71 @@ def build_parser() -> argparse.ArgumentParser:
                         "(bottom) every few steps")
 
     g = p.add_argument_group("safety checker and watermark")
-    g.add_argument("--safety_checker", type=str, default=None, metavar="DIR",
+    g.add_argument("--safety_checker", type=str, metavar="DIR",
                    help="folder of a StableDiffusionSafetyChecker (save_pretrained); default: the Hugging Face "
                         "cache of CompVis/stable-diffusion-safety-checker, downloaded there once if missing")
     g.add_argument("--no_safety_checker", action="store_true", help="run without the safety checker")
-    g.add_argument("--nsfw", choices=["black", "blur"], default="black",
-                   help="what replaces a flagged image (default %(default)s)")
-    g.add_argument("--watermark", type=str, default="StableDiffusionV1",
-                   help="invisible watermark text (default %(default)s)")
+    g.add_argument("--nsfw", choices=["black", "blur"], help=f"what replaces a flagged image (default {d['nsfw']})")
+    g.add_argument("--watermark", type=str, help=f"invisible watermark text (default {d['watermark']})")
     g.add_argument("--no_watermark", action="store_true", help="do not watermark images")
     g.add_argument("-v", "--verbose", action="store_true", help="also print the library's informational messages")
     return p
 
 
-def explicit_flags(argv) -> set[str]:
-    """The destinations of the flags given on the command line (to let them win over --demo/--from_png)."""
-    parser = build_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
+def parse_explicit(argv) -> dict:
+    """The flags given on the command line, as {destination: value} (UsageError when malformed)."""
+    return vars(build_parser().parse_args(argv))
+
+
+def merge_settings(*layers: dict) -> SimpleNamespace:
+    """The layers' values, each layer over the ones before it (lowest first). The sampler flags are
+    one choice: a layer that sets any of them replaces all three of the layers below."""
+    out = {}
+    for layer in layers:
+        if any(k in layer for k in SAMPLER_FLAGS):
+            out.update({k: DEFAULTS[k] for k in SAMPLER_FLAGS})
+        out.update(layer)
+    return SimpleNamespace(**out)
+
+
+def png_settings(path, explicit: dict) -> tuple[dict, dict]:
+    """(settings layer, metadata) of --from_png: the image's prompt, seed, sampler, steps, scale,
+    size and eta; one image (n_samples = n_iter = 1); and the checkpoint its model hash names,
+    unless --ckpt was given (with the demo config for the demo model, else the default config)."""
+    from . import hashing, metadata
+    from .images import read_parameters
+    from .paths import is_demo_checkpoint
+
+    meta = metadata.options_from_parameters(read_parameters(path))
+    names = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "ddim_steps", "scale": "scale",
+             "seed": "seed", "H": "H", "W": "W", "eta": "ddim_eta", "sampler": "sampler"}
+    layer = {dest: meta[key] for key, dest in names.items() if key in meta}
+    layer.update(no_emphasis=not meta["emphasis"], n_samples=1, n_iter=1)
+    if meta.get("model_hash") and "ckpt" not in explicit:
+        ckpt = hashing.find_checkpoint(meta["model_hash"], DEFAULT_CKPT)
+        if ckpt is None:
+            raise ValueError(f"{path} was made with the model {meta.get('model', '?')} (hash {meta['model_hash']}), "
+                             f"found in none of {hashing.searched_places(DEFAULT_CKPT)}; pass --ckpt PATH")
+        layer["ckpt"] = str(ckpt)
+        layer["config"] = DEMO_CONFIG if is_demo_checkpoint(ckpt) else None  # None: detected from the checkpoint
+    return layer, meta
+
+
+def check_args(args):
+    """Checks of the flags themselves that need no model (ValueError)."""
+    for name in ("n_samples", "n_iter"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.n_rows < 0:
+        raise ValueError(f"--n_rows must not be negative, got {args.n_rows}")
+    if args.repeat <= 0:
+        raise ValueError(f"--repeat must be a positive integer, got {args.repeat}")
+    if args.threads is not None and args.threads <= 0:
+        raise ValueError(f"--threads must be a positive integer, got {args.threads}")
+    if not args.no_watermark and not args.watermark:
+        raise ValueError("--watermark needs a text; --no_watermark writes images without one")
+    if args.from_png and args.from_file:
+        raise ValueError("--from_png and --from-file cannot be combined")
 
 
 # ----------------------------------------------------------------------------- messages
@@ -242,8 +316,7 @@ def check_outdir(outdir: Path, folders):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
-        given = explicit_flags(argv)
+        explicit = parse_explicit(argv)
     except UsageError as e:
         print(f"{PROG}: error: {one_line(e)} (see {PROG} --help)", file=sys.stderr)
         return EXIT_USAGE
@@ -255,14 +328,15 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     set_openmp_defaults()  # before torch is imported; a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins
 
-    handler = _LogHandler(logging.INFO if args.verbose else logging.WARNING)
+    handler = _LogHandler(logging.INFO if explicit.get("verbose") else logging.WARNING)
     ldm_log = logging.getLogger("ldm")
     old_level = ldm_log.level
     ldm_log.addHandler(handler)
     ldm_log.setLevel(handler.level)
+    threads_before = _torch_threads()
     try:
         with interrupts():  # SIGTERM as SIGINT; a second signal ends the process at once
-            return _run(args, given)
+            return _run(explicit)
     except KeyboardInterrupt as e:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return exit_status(e)
@@ -281,84 +355,65 @@ def main(argv=None) -> int:
     finally:
         ldm_log.removeHandler(handler)
         ldm_log.setLevel(old_level)
+        if threads_before is not None:  # main() called in-process (tests) leaves the caller's thread count
+            import torch
+
+            torch.set_num_threads(threads_before)
 
 
-def _run(args, given) -> int:
-    from .samplers import SAMPLERS
+def settle_args(explicit: dict) -> tuple[SimpleNamespace, dict | None]:
+    """(the run's settings, the --from_png metadata or None): explicit flags over --from_png over
+    --demo over the defaults."""
+    if explicit.get("from_png") and explicit.get("from_file"):
+        raise ValueError("--from_png and --from-file cannot be combined")
+    layers = [DEFAULTS, DEMO_PRESET if explicit.get("demo") else {}]
+    png_meta = None
+    if explicit.get("from_png"):
+        png_layer, png_meta = png_settings(explicit["from_png"], explicit)
+        layers.append(png_layer)
+    layers.append(explicit)
+    return merge_settings(*layers), png_meta
 
-    if args.list_samplers:
+
+def _run(explicit: dict) -> int:
+    if explicit.get("list_samplers"):
+        from .samplers import SAMPLERS
+
         width = max(map(len, SAMPLERS))
         for name, s in SAMPLERS.items():
             print(f"{name:<{width}}  {s.description}")
         return 0
-    if args.laion400m:
+    if explicit.get("laion400m"):
         raise ValueError("--laion400m: the original's LAION-400M latent diffusion model is not supported; "
                          "this tool runs Stable Diffusion v1 checkpoints (--ckpt)")
-    if args.from_png and args.from_file:
-        raise ValueError("--from_png and --from-file cannot be combined")
-
-    from . import checks, pipeline
-    from .pipeline import Options, Txt2Img
-
-    # --- what to run: flags, then --demo and --from_png where the flags were not given explicitly
-    if args.demo:
-        for dest, value in (("config", pipeline.DEMO_CONFIG), ("ckpt", pipeline.DEMO_CKPT), ("H", 64), ("W", 64)):
-            if dest not in given:
-                setattr(args, dest, value)
-    sampler = resolve_sampler(args)
-    negative = args.negative_prompt
-    png_meta = None
-    if args.from_png:
-        from .images import read_parameters
-
-        png_meta = pipeline.options_from_parameters(read_parameters(args.from_png))
-        explicit_sampler = given & {"sampler", "plms", "dpm_solver"}
-        overrides = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "ddim_steps", "scale": "scale",
-                     "seed": "seed", "H": "H", "W": "W", "eta": "ddim_eta"}
-        for key, dest in overrides.items():
-            if key in png_meta and dest not in given:
-                setattr(args, dest, png_meta[key])
-        negative = args.negative_prompt
-        if "sampler" in png_meta and not explicit_sampler:
-            sampler = png_meta["sampler"]
-        if "no_emphasis" not in given:
-            args.no_emphasis = not png_meta["emphasis"]
-        for dest in ("n_samples", "n_iter"):
-            if dest not in given:
-                setattr(args, dest, 1)
-
+    args, png_meta = settle_args(explicit)
+    check_args(args)
     if args.torchscript or args.ipex:
         notice("--torchscript/--ipex: not needed: the UNet already runs through fused oneDNN kernels on the CPU "
                "(see --compile for torch.compile); continuing without them")
     if args.bf16:
-        if "precision" in given and args.precision != "bf16":
+        if "precision" in explicit and args.precision != "bf16":
             raise ValueError(f"--bf16 and --precision {args.precision} contradict each other")
         args.precision = "bf16"
-    if args.repeat <= 0:
-        raise ValueError(f"--repeat must be a positive integer, got {args.repeat}")
-    auto_size = [name for name in ("H", "W") if getattr(args, name) is None]  # 768 for a v model, else 512
-    for name in auto_size:
+    args.auto_size = [name for name in ("H", "W") if getattr(args, name) is None]  # 768 for a v model, else 512
+    for name in args.auto_size:
         setattr(args, name, 512)
-    checks.check_flags(args)  # finite, in range, a known device form: after --from_png filled in its values
-    opts = Options(sampler=sampler, steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta, H=args.H, W=args.W,
-                   C=args.C, f=args.f, emphasis=not args.no_emphasis, intermediates=args.save_intermediates,
-                   batched=args.batched)
-    opts.validate()
-    for name in ("n_samples", "n_iter"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if args.n_rows < 0:
-        raise ValueError(f"--n_rows must not be negative, got {args.n_rows}")
-    if not args.no_watermark and not args.watermark:
-        raise ValueError("--watermark needs a text; --no_watermark writes images without one")
 
+    from . import checks, pipeline
+    from .pipeline import Options
+
+    opts = Options(sampler=resolve_sampler(args), steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta,
+                   H=args.H, W=args.W, C=args.C, f=args.f, emphasis=not args.no_emphasis,
+                   intermediates=args.save_intermediates, batched=args.batched)
+    checks.check_flags(args)  # finite, in range, a known device form: after --from_png filled in its values
+    opts.validate()
     if args.from_file:
-        prompts, negatives = read_prompt_file(args.from_file, negative)
+        prompts, negatives = read_prompt_file(args.from_file, args.negative_prompt)
         prompts = [p for p in prompts for _ in range(args.repeat)]
         negatives = [n for n in negatives for _ in range(args.repeat)]
         batches = pipeline.prompt_batches(prompts, negatives, args.n_samples, repeat=False)
     else:
-        batches = pipeline.prompt_batches(args.prompt, negative, args.n_samples, repeat=True)
+        batches = pipeline.prompt_batches(args.prompt, args.negative_prompt, args.n_samples, repeat=True)
     plan = pipeline.plan_work(batches, args.n_iter, args.seed, args.fixed_code)
     checks.seeds_fit(args.seed, sum(len(items) for items in plan))
 
@@ -376,25 +431,40 @@ def _run(args, given) -> int:
         raise CheckpointError(pipeline.missing_checkpoint_message(ckpt))
 
     outdir = Path(args.outdir)
-    sample_dir, inter_dir = outdir / "samples", outdir / "intermediates"
-    check_outdir(outdir, [outdir] + ([sample_dir] if not args.skip_save else [])
-                 + ([inter_dir] if args.save_intermediates else []))
+    dirs = SimpleNamespace(out=outdir, samples=outdir / "samples", inter=outdir / "intermediates")
+    check_outdir(outdir, [outdir] + ([dirs.samples] if not args.skip_save else [])
+                 + ([dirs.inter] if args.save_intermediates else []))
 
-    # --- under torchrun: this rank's share of the work, named by global image index
+    # --- under a launcher: this rank's share of the work, named by global image index
     from .distributed import Job, world_from_env
 
     global _WORLD
     _WORLD = world = world_from_env(args.device)
-    job = None
-    if world.launched or args.resume:
-        job = Job(plan, sample_dir, args.resume, world, check_files=not args.skip_save)
+    try:
+        job = Job(plan, dirs.samples, args.resume, world, check_files=not args.skip_save) \
+            if world.launched or args.resume else None
+        error, pipe, load_s = None, None, 0.0
+        try:
+            pipe, load_s = _load(args, explicit, config, ckpt, opts, world, png_meta)
+        except Exception as e:  # every rank learns that this one cannot start
+            error = e
+        _agree(world, error)
+        return _generate(args, pipe, opts, job.plan if job else plan, dirs, load_s, world, job)
+    finally:
+        world.close()
 
-    # --- the safety checker first: a missing one fails fast, before the model loads
+
+def _load(args, explicit, config, ckpt, opts, world, png_meta):
+    """The pipeline ready to run (safety checker first: a missing one fails before the model loads),
+    with the CPU threads set; (pipe, seconds it took)."""
+    from . import pipeline
+    from .paths import is_demo_checkpoint
+
     device = pipeline.pick_device(str(world.device(args.device)) if world.launched else args.device)
     checker, checker_note = None, None
     if args.no_safety_checker:
         checker_note = "safety checker disabled (--no_safety_checker): images are written unchecked"
-    elif args.demo and not given & {"ckpt", "safety_checker"}:
+    elif is_demo_checkpoint(ckpt) and "safety_checker" not in explicit:
         checker_note = "safety checker: not needed for the bundled demo model (it only draws simple shapes)"
     else:
         from .safety import SafetyChecker
@@ -402,25 +472,42 @@ def _run(args, given) -> int:
         checker = SafetyChecker.load(args.safety_checker, device)
 
     t0 = time.perf_counter()
-    pipe = Txt2Img.from_files(config, ckpt, device=device, precision=args.precision, use_ema=args.use_ema,
-                              safety_checker=checker, nsfw=args.nsfw, cuda_graphs=args.cuda_graphs,
-                              compile=args.compile, parameterization=args.parameterization)
+    pipe = pipeline.Txt2Img.from_files(config, ckpt, device=device, precision=args.precision, use_ema=args.use_ema,
+                                       safety_checker=checker, nsfw=args.nsfw, cuda_graphs=args.cuda_graphs,
+                                       compile=args.compile, parameterization=args.parameterization)
     if pipe.detection is not None:
         notice(pipe.detection.message)
-    for name in auto_size:
+    for name in args.auto_size:
         setattr(opts, name, pipe.default_size)
         setattr(args, name, pipe.default_size)
     opts.validate(pipe.model)
+    if device.type == "cpu":
+        _set_threads(args.threads, pipe, opts)
     if checker_note:
         notice(checker_note)
-    if png_meta and png_meta.get("model_hash") and pipe.model_hash and png_meta["model_hash"] != pipe.model_hash:
+    if png_meta and png_meta.get("model_hash") and pipe.model_hash \
+            and png_meta["model_hash"].lower() != pipe.model_hash.lower():
         notice(f"{args.from_png} was made with model hash {png_meta['model_hash']} ({png_meta.get('model', '?')}); "
                f"this run uses {pipe.model_hash} ({pipe.model_name}): the image will differ")
-    load_s = time.perf_counter() - t0
-    try:
-        return _generate(args, pipe, opts, plan, outdir, sample_dir, inter_dir, load_s, job)
-    finally:
-        world.close()
+    return pipe, time.perf_counter() - t0
+
+
+def _torch_threads():
+    """torch's intra-op thread count when torch is already imported (main called in-process), else None."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None
+
+
+def _set_threads(requested, pipe, opts):
+    """--threads N; else OMP_NUM_THREADS when set (torch already follows it); else the rule of
+    `ldm.devices.choose_threads` for this model and image size, up to torch's own count."""
+    import torch
+
+    if requested is None and os.environ.get("OMP_NUM_THREADS"):
+        return
+    n = requested or pipe.threads_for(opts, torch.get_num_threads())
+    torch.set_num_threads(n)
+    logging.getLogger("ldm").info("%d CPU thread(s)", n)
 
 
 _WORLD = None
@@ -430,102 +517,120 @@ def _rank_tag() -> str:
     return f" (rank {_WORLD.rank})" if _WORLD is not None and _WORLD.world_size > 1 else ""
 
 
-def _generate(args, pipe, opts, plan, outdir, sample_dir, inter_dir, load_s, job=None) -> int:
-    from tqdm import tqdm
+def _agree(world, error):
+    """Every rank (failed or not) reports its status in one collective, so a failure ends every
+    rank at once under any launcher. Raises this rank's own error, or a RunError naming the first
+    rank that failed; returns when every rank is fine."""
+    failed = world.failures(error)
+    if error is not None:
+        raise error
+    if failed:
+        rank, message = failed[0]
+        raise RunError(f"rank {rank} failed: {message}")
 
-    from . import images as imagelib
 
-    world = job.world if job else None
-    if job:
-        plan = job.plan
-    samples = imagelib.NumberedFiles(sample_dir, 5)
-    intermediates = imagelib.NumberedFiles(inter_dir, 5)
-    grids = imagelib.NumberedFiles(outdir, 4, prefix="grid-")
-    watermark = None if args.no_watermark else args.watermark
-    warned_small = False
+# ----------------------------------------------------------------------------- the run
 
-    def finish(img):
-        nonlocal warned_small
-        if watermark is None:
+
+class _Output:
+    """Where a run's files go and how they are finished (watermark); counts what it wrote."""
+
+    def __init__(self, args, dirs, job):
+        from . import images as imagelib
+
+        self.args, self.dirs, self.job = args, dirs, job
+        self.samples = imagelib.NumberedFiles(dirs.samples, 5)
+        self.intermediates = imagelib.NumberedFiles(dirs.inter, 5)
+        self.grids = imagelib.NumberedFiles(dirs.out, 4, prefix="grid-")
+        self.watermark = None if args.no_watermark else args.watermark
+        self.warned_small = False
+        self.done, self.written, self.flagged = [], [], []  # results, sample paths, flagged paths
+
+    def finish(self, img):
+        from . import images as imagelib
+
+        if self.watermark is None:
             return img
         if not imagelib.watermark_fits(img):
-            if not warned_small:
+            if not self.warned_small:
                 notice(f"images smaller than 256x256 pixels ({img.size[0]}x{img.size[1]}) are written without the "
                        "invisible watermark (the watermark library needs at least 256x256)")
-                warned_small = True
+                self.warned_small = True
             return img
-        return imagelib.put_watermark(img, watermark)
+        return imagelib.put_watermark(img, self.watermark)
 
-    done, written, flagged = [], [], []
-    sampling_s, steps_run = 0.0, 0
-    n_images = sum(len(items) for items in plan)
-    status = EXIT_INTERRUPTED
+    def save(self, r):
+        """One result's sample (and intermediates) files; reports a flagged image."""
+        from . import images as imagelib
+
+        path = None
+        if not self.args.skip_save:
+            if self.job:
+                path = imagelib.save_png(self.finish(r.image), self.job.path(r.item), r.parameters)
+            else:
+                path = imagelib.save_numbered(self.finish(r.image), self.samples, r.parameters)
+            self.written.append(path)
+        if r.intermediates is not None:
+            if self.job:
+                target = self.dirs.inter / self.job.path(r.item).name
+            else:
+                target = self.dirs.inter / path.name if path else self.intermediates.claim()
+            imagelib.save_png(r.intermediates, target, r.parameters)
+        if r.nsfw:
+            where = str(path) if path else f"image {r.item.index}"
+            self.flagged.append(where)
+            _write(f"{PROG}: flagged by the safety checker: {where} (seed {r.item.seed}), "
+                   f"written as a {'black' if self.args.nsfw == 'black' else 'blurred'} image", sys.stdout)
+        self.done.append(r)
+
+    def saved_note(self) -> str:
+        return f"{len(self.written)} image(s) saved in {self.dirs.samples}" if self.written else "no image saved"
+
+    def grid(self, pictures):
+        """The grid of `pictures` (unless --skip_grid or none); its path or None."""
+        from . import images as imagelib
+
+        if self.args.skip_grid or not pictures:
+            return None
+        grid = imagelib.make_grid(pictures, self.args.n_rows or self.args.n_samples)
+        return imagelib.save_numbered(self.finish(grid), self.grids, None)
+
+
+def _generate(args, pipe, opts, plan, dirs, load_s, world, job) -> int:
+    """Sample this rank's plan, then (all ranks fine) gather the job's images on rank 0 for the grid
+    and the summary. Ctrl-C: the grid of what finished, exit status 130."""
+    output = _Output(args, dirs, job)
+    timing = SimpleNamespace(sampling_s=0.0, steps_run=0)
     try:
-        quiet = world is not None and not world.is_main  # one set of progress bars per job
-        with tqdm(total=n_images, desc="images", unit="img", position=0, disable=quiet) as image_bar:
-            for items in plan:
-                runs = pipe.sampler_runs(items, opts)
-                with tqdm(total=opts.steps * len(runs), desc="steps", unit="step", leave=False, position=1,
-                          disable=quiet) as step_bar:
-                    t0 = time.perf_counter()
-                    results = pipe.generate_batch(items, opts, callback=lambda i, x, x0: step_bar.update(1))
-                    sampling_s += time.perf_counter() - t0
-                    steps_run += opts.steps * len(runs)
-                for r in results:
-                    path = None
-                    if not args.skip_save:
-                        if job:
-                            path = imagelib.save_png(finish(r.image), job.path(r.item), r.parameters)
-                        else:
-                            path = imagelib.save_numbered(finish(r.image), samples, r.parameters)
-                        written.append(path)
-                    if r.intermediates is not None:
-                        if job:
-                            target = inter_dir / job.path(r.item).name
-                        else:
-                            target = inter_dir / path.name if path else intermediates.claim()
-                        imagelib.save_png(r.intermediates, target, r.parameters)
-                    if r.nsfw:
-                        where = str(path) if path else f"image {r.item.index}"
-                        flagged.append(where)
-                        _write(f"{PROG}: flagged by the safety checker: {where} (seed {r.item.seed}), "
-                               f"written as a {'black' if args.nsfw == 'black' else 'blurred'} image", sys.stdout)
-                    done.append(r)
-                    image_bar.update(1)
-        status = 0
-    except OSError as e:
-        saved = f"{len(written)} image(s) saved in {sample_dir} before it" if written else "no image saved"
-        raise RunError(f"{os_error_message(e)} ({saved})") from None
-    finally:
-        # on success or Ctrl-C, the grid of what finished; after any other error, nothing more
-        grid_path = None
-        stop = sys.exc_info()[1]
-        interrupted = isinstance(stop, KeyboardInterrupt)
-        if job and status == 0:  # the images of every rank, and those a --resume found, in index order
-            gathered = world.gather([(r.item.index, r.image) for r in done])
-            stats = world.gather((len(written), flagged, sampling_s, steps_run))
-            if not world.is_main:
-                return 0
-            pictures = sorted([pair for part in gathered for pair in part]
-                              + [(item.index, imagelib.read_rgb(job.path(item))) for item in job.skipped])
-            done = [SimpleNamespace(image=img) for _, img in pictures]
-            written = [None] * sum(n for n, *_ in stats)
-            flagged = [f for _, part, *_ in stats for f in part]
-            sampling_s, steps_run = sum(s[2] for s in stats), sum(s[3] for s in stats)
-        if (status == 0 or (interrupted and not (world and world.active))) and done and not args.skip_grid:
-            n_rows = args.n_rows or args.n_samples
-            grid = imagelib.make_grid([r.image for r in done], n_rows)
-            grid_path = imagelib.save_numbered(finish(grid), grids, None)
-        if interrupted:
-            saved = f"{len(written)} image(s) saved in {sample_dir}" if written else "no image saved"
-            grid_note = f"; grid of the finished images: {grid_path}" if grid_path else ""
-            print(f"{PROG}: interrupted: {saved}{grid_note}", file=sys.stderr)
-            return exit_status(stop)  # noqa: B012 (the interrupt is reported, not re-raised)
+        _sample_plan(pipe, opts, plan, output, timing, world)
+    except KeyboardInterrupt as stop:
+        grid_path = output.grid([r.image for r in output.done]) if not world.active else None
+        grid_note = f"; grid of the finished images: {grid_path}" if grid_path else ""
+        print(f"{PROG}: interrupted: {output.saved_note()}{grid_note}", file=sys.stderr)
+        return exit_status(stop)
+
+    n_written, flagged, sampling_s, steps_run = (len(output.written), output.flagged, timing.sampling_s,
+                                                 timing.steps_run)
+    pictures = [r.image for r in output.done]
+    if job:  # the images of every rank, and those a --resume found, in index order
+        from . import images as imagelib
+
+        gathered = world.gather([(r.item.index, r.image) for r in output.done])
+        stats = world.gather((n_written, flagged, sampling_s, steps_run))
+        if not world.is_main:
+            return 0
+        pictures = [img for _, img in sorted([pair for part in gathered for pair in part]
+                                             + [(item.index, imagelib.read_rgb(job.path(item)))
+                                                for item in job.skipped])]
+        n_written = sum(s[0] for s in stats)
+        flagged = [f for s in stats for f in s[1]]
+        sampling_s, steps_run = sum(s[2] for s in stats), sum(s[3] for s in stats)
+    grid_path = output.grid(pictures)
 
     per_step = sampling_s / steps_run if steps_run else 0.0
     where = []
-    if written:
-        where.append(f"{len(written)} sample(s) in {sample_dir}")
+    if n_written:
+        where.append(f"{n_written} sample(s) in {dirs.samples}")
     if grid_path:
         where.append(f"grid {grid_path}")
     summary = " and ".join(where) if where else "nothing written (--skip_save --skip_grid)"
@@ -535,6 +640,43 @@ def _generate(args, pipe, opts, plan, outdir, sample_dir, inter_dir, load_s, job
     print(f"Your samples are ready: {summary}{flagged_note}. "
           f"{per_step:.2f} s/step (model loaded in {load_s:.1f} s).")
     return 0
+
+
+def _sample_plan(pipe, opts, plan, output, timing, world):
+    """Every batch of `plan`, its files written as it finishes. Under a launcher, all ranks pass
+    through the same number of rounds and report their status after each (`_agree`), so one rank's
+    failure stops every rank at the end of its current batch."""
+    from tqdm import tqdm
+
+    rounds = world.max_over_ranks(len(plan))
+    quiet = world.active and not world.is_main  # one set of progress bars per job
+    with tqdm(total=sum(len(items) for items in plan), desc="images", unit="img", position=0,
+              disable=quiet) as image_bar:
+        for i in range(rounds):
+            error = None
+            if i < len(plan):
+                try:
+                    _sample_batch(pipe, opts, plan[i], output, timing, image_bar, quiet)
+                except OSError as e:
+                    error = RunError(f"{os_error_message(e)} ({output.saved_note()} before it)")
+                except Exception as e:
+                    error = e
+            _agree(world, error)
+
+
+def _sample_batch(pipe, opts, items, output, timing, image_bar, quiet):
+    from tqdm import tqdm
+
+    runs = pipe.sampler_runs(items, opts)
+    with tqdm(total=opts.steps * len(runs), desc="steps", unit="step", leave=False, position=1,
+              disable=quiet) as step_bar:
+        t0 = time.perf_counter()
+        results = pipe.generate_batch(items, opts, callback=lambda i, x, x0: step_bar.update(1))
+        timing.sampling_s += time.perf_counter() - t0
+        timing.steps_run += opts.steps * len(runs)
+    for r in results:
+        output.save(r)
+        image_bar.update(1)
 
 
 if __name__ == "__main__":

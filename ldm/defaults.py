@@ -13,11 +13,14 @@ DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 
 # How long an OpenMP worker spins at a barrier before it sleeps (GNU libgomp, which the torch CPU
 # builds use). The default, 300,000 spins, keeps idle workers busy between the many short kernels
-# of a UNet step; on a loaded machine they then steal the cores that the work needs (2.4 s a guided
-# 256x256 step on 2 cores shared with one busy process, against 1.7 s with OMP_WAIT_POLICY=PASSIVE),
-# while never spinning costs 5 to 7 % on a quiet machine. 10,000 spins measured best on a quiet machine
-# (0.84 to 0.87 s against 0.85 to 0.93 default and 0.88 to 0.93 passive) and 1.9 s on the loaded one.
-OPENMP_SPINCOUNT = "10000"
+# of a UNet step; on a loaded machine they then steal the cores that the work needs. On a busy
+# machine (another CPU-bound process beside the run) not spinning at all measured best: the v1 UNet's
+# guided 256x256 step 1.67 s against 1.87 s with 10,000 spins and 2.43 s with the default; the demo UNet
+# at 512x512 on 2 threads 0.63-0.88 s against 2.4-3.3 s with 10,000 spins (bench/README.md, "Threads").
+# On a quiet machine it costs about 5 % against 10,000 spins (0.88-0.93 s against 0.84-0.87 s a v1 step),
+# which is the better trade for a laptop with a browser open. Runs on one thread (the demo model at
+# its own size, see ldm.devices.choose_threads) have no barrier to wait at.
+OPENMP_SPINCOUNT = "0"
 
 
 def set_openmp_defaults(environ=os.environ) -> bool:

@@ -66,6 +66,27 @@ class World:
         torch.distributed.gather_object(obj, out, dst=0)
         return out
 
+    def failures(self, error: BaseException | None) -> list[tuple[int, str]]:
+        """(rank, message) of every rank that failed, each rank passing its own error or None.
+
+        A collective: every rank calls it at the same points of the run, failed or not, so a
+        failure reaches every rank at the next such point instead of leaving them waiting for
+        a rank that is gone."""
+        mine = None if error is None else (" ".join(str(error).split()) or type(error).__name__)
+        if not self.active:
+            return [] if mine is None else [(self.rank, mine)]
+        every = [None] * self.world_size
+        torch.distributed.all_gather_object(every, mine)
+        return [(rank, message) for rank, message in enumerate(every) if message is not None]
+
+    def max_over_ranks(self, n: int) -> int:
+        """The largest of every rank's `n` (a collective), `n` alone."""
+        if not self.active:
+            return n
+        every = [None] * self.world_size
+        torch.distributed.all_gather_object(every, n)
+        return max(every)
+
     def close(self):
         if self.active:
             torch.distributed.destroy_process_group()

@@ -6,9 +6,9 @@
     results[0].image.save("fox.png")      # PIL image
     print(results[0].parameters)          # the PNG `parameters` text (prompt, seed, sampler, ...)
 
-A run is planned up front as a list of batches of work items (prompt, negative prompt, image index
-k, seed), and `generate_batch` turns one batch of items into images; nothing else carries state
-from one batch to the next, so the items of a run can be split among processes.
+A run is planned up front as a list of batches of work items (`ldm.planning`), and
+`Txt2Img.generate_batch` turns one batch of items into images; nothing else carries state from one
+batch to the next, so the items of a run can be split among processes.
 
 Reproducibility: image k of a run starts from
 `torch.randn([C, H/f, W/f], generator=torch.Generator("cpu").manual_seed(seed + k))` moved to
@@ -17,197 +17,55 @@ stochastic samplers draw their step noise from a CPU generator seeded with that 
 are sampled one at a time (unless `batched=True`), so an image depends only on its own work item:
 regenerated alone from its seed it is bit-identical on the same machine, and CPU and GPU runs start
 from the same noise.
+
+The helpers of a run live in small modules, re-exported here: `ldm.paths` (where files are),
+`ldm.hashing` (the model hash and the search by hash), `ldm.devices` (device, precision, threads),
+`ldm.planning` (work items), `ldm.metadata` (the web UIs' `parameters` text).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 from PIL import Image
 
-from . import detect
-from . import checks
+from . import checks, detect
 from . import images as imagelib
 from .accel import CUDAGraphs, compile_unet
 from .checkpoint import CheckpointError, load_model
 from .config import load_config
 from .defaults import DEFAULT_CKPT, DEFAULT_CONFIG, DEFAULT_PROMPT
+from .devices import PRECISIONS, choose_threads, pick_device, resolve_precision  # noqa: F401 (re-exported)
+from .hashing import checkpoint_hash, find_checkpoint  # noqa: F401 (re-exported)
+from .metadata import (  # noqa: F401 (re-exported)
+    WEBUI_SAMPLER_NAMES,
+    options_from_parameters,
+    parameters_text,
+    sampler_from_label,
+    settings,
+)
+from .paths import DEMO_CKPT, DEMO_CONFIG, REPO_ROOT, missing_checkpoint_message, repo_path  # noqa: F401
+from .planning import WorkItem, check_counts, plan_work, prompt_batches, start_code  # noqa: F401 (re-exported)
 from .prompt import encode_weighted, pad_chunks, tokenize_weighted
 from .samplers import cfg_denoiser, check_eta, get_sampler
 from .samplers import sample as run_sampler
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_CONFIG = "configs/demo/shapes.yaml"
-DEMO_CKPT = "models/demo/shapes.safetensors"
-PRECISIONS = ("full", "autocast", "half", "bf16")
-
-# Registry name -> the name the AUTOMATIC1111 web UI writes in its `parameters` text, where it has one.
-WEBUI_SAMPLER_NAMES = {
-    "ddim": "DDIM", "plms": "PLMS", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun",
-    "dpmpp_2m": "DPM++ 2M", "lms_karras": "LMS Karras", "dpmpp_2m_karras": "DPM++ 2M Karras",
-}
-
-
-# ----------------------------------------------------------------------------- files and devices
-
-
-def repo_path(path) -> Path:
-    """`path` as given when it exists (relative to the working directory); else, when relative,
-    the same path in the source checkout this package runs from, so defaults work from any cwd."""
-    path = Path(path)
-    if path.exists() or path.is_absolute():
-        return path
-    in_repo = REPO_ROOT / path
-    return in_repo if in_repo.exists() else path
-
-
-def missing_checkpoint_message(path) -> str:
-    return (
-        f"checkpoint not found: {path}. Stable Diffusion v1 weights (e.g. sd-v1-4.ckpt from "
-        "huggingface.co/CompVis/stable-diffusion-v-1-4-original or v1-5-pruned-emaonly.safetensors from "
-        f"huggingface.co/runwayml/stable-diffusion-v1-5) go to {DEFAULT_CKPT}, or pass --ckpt PATH; "
-        "--demo runs the bundled demo model"
-    )
-
-
-def checkpoint_hash(path) -> str:
-    """First 10 hex digits of the file's sha256, the web UI's "Model hash".
-
-    Hashing a 4 GB checkpoint takes seconds, so the result is cached in
-    $XDG_CACHE_HOME/txt2img/model-hashes.json (default ~/.cache), keyed by path, size and mtime.
-    """
-    path = Path(path).resolve()
-    stat = path.stat()
-    key = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
-    cache_file = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "txt2img" / "model-hashes.json"
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if isinstance(cache, dict) and isinstance(cache.get(key), str):
-        return cache[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    value = digest.hexdigest()[:10]
-    try:  # a cache we cannot write is only slower next time
-        cache = cache if isinstance(cache, dict) else {}
-        cache[key] = value
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=0))
-        os.replace(tmp, cache_file)
-    except OSError:
-        pass
-    return value
-
-
-def pick_device(name: str | None = None) -> torch.device:
-    """The named device, or the best available: cuda > mps > cpu."""
-    if name:
-        device = torch.device(checks.device(str(name)))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {name!r}: CUDA is not available on this machine")
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise ValueError(f"device {name!r}: Apple MPS is not available on this machine")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def resolve_precision(device: torch.device, precision: str) -> tuple[torch.dtype, bool, str | None]:
-    """(weight dtype, use CUDA fp16 autocast, notice) for a device and a --precision choice.
-
-    full: float32 everywhere. autocast: fp32 weights with torch.autocast(fp16) on CUDA; elsewhere
-    it does not help, so it is float32 (a no-op). half: fp16 weights on a GPU (CUDA, MPS); on the
-    CPU, where fp16 is slow or unsupported, it falls back to float32 with a notice. bf16: bfloat16
-    weights, on a GPU or on a CPU whose oneDNN supports bfloat16 (refused elsewhere).
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-    if precision == "half":
-        if device.type == "cpu":
-            return torch.float32, False, "--precision half: fp16 weights need a GPU; running in full precision on the CPU"
-        return torch.float16, False, None
-    if precision == "bf16":
-        if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            raise ValueError("--precision bf16 (--bf16): this CPU has no bfloat16 support in oneDNN; "
-                             "use --precision full")
-        return torch.bfloat16, False, None
-    return torch.float32, precision == "autocast" and device.type == "cuda", None
-
-
-# ----------------------------------------------------------------------------- the plan of a run
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    """One image of a run: its prompts, its index k in the run (the order files are written) and
-    its seed (seed + k, or with fixed_code the seed of the same position in the first batch)."""
-
-    index: int
-    prompt: str
-    negative_prompt: str
-    seed: int
-
-
-def prompt_batches(prompts, negative_prompts, n_samples: int, repeat: bool) -> list[list[tuple[str, str]]]:
-    """The (prompt, negative) pairs of one iteration, in batches of at most n_samples.
-
-    repeat=True (a single --prompt): one batch of n_samples copies of each prompt. repeat=False
-    (--from-file): the prompts in order, n_samples per batch, the last batch possibly smaller.
-    """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if negative_prompts is None or isinstance(negative_prompts, str):
-        negative_prompts = [negative_prompts or ""] * len(prompts)
-    if len(negative_prompts) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
-    if not prompts:
-        raise ValueError("no prompts")
-    pairs = list(zip(prompts, negative_prompts))
-    if repeat:
-        return [[pair] * n_samples for pair in pairs]
-    return [pairs[i:i + n_samples] for i in range(0, len(pairs), n_samples)]
-
-
-def plan_work(batches: list[list[tuple[str, str]]], n_iter: int, seed: int,
-              fixed_code: bool = False) -> list[list[WorkItem]]:
-    """All work items of a run, batch by batch: n_iter passes over `batches`, image index k counting
-    up in that order. With fixed_code, position i of every batch gets the seed of position i of
-    the first batch (the original reused one start code tensor for all batches)."""
-    plan, k = [], 0
-    for _ in range(n_iter):
-        for batch in batches:
-            items = []
-            for i, (prompt, negative) in enumerate(batch):
-                items.append(WorkItem(k, prompt, negative, seed + (i if fixed_code else k)))
-                k += 1
-            plan.append(items)
-    return plan
-
-
-def start_code(item_seed: int, shape) -> torch.Tensor:
-    """The start noise of one image: [C, H/f, W/f] from a CPU generator seeded with item_seed."""
-    return torch.randn(list(shape), generator=torch.Generator("cpu").manual_seed(item_seed))
-
+__all__ = [  # the library's API, and what the command line and the tests import from here
+    "Txt2Img", "generate", "Options", "Result", "latent_factor",
+    "WorkItem", "prompt_batches", "plan_work", "start_code", "check_counts",
+    "pick_device", "resolve_precision", "choose_threads", "PRECISIONS",
+    "checkpoint_hash", "find_checkpoint", "repo_path", "missing_checkpoint_message", "REPO_ROOT", "DEMO_CONFIG",
+    "DEMO_CKPT", "WEBUI_SAMPLER_NAMES", "options_from_parameters", "sampler_from_label", "settings", "parameters_text",
+]
 
 # ----------------------------------------------------------------------------- options and results
 
@@ -288,8 +146,45 @@ class Result:
 # ----------------------------------------------------------------------------- the pipeline
 
 
+class _LRU(OrderedDict):
+    """A dict that keeps its `size` most recently used entries."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def get_or_make(self, key, make):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = self[key] = make()
+        while len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+def _model_placement(model):
+    p = next(model.model.parameters())
+    return p.device, p.dtype
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """cuda and cuda:0 are the same device when the current CUDA device is 0."""
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = torch.cuda.current_device() if a.type == "cuda" else 0
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return a.index == b.index
+
+
 class Txt2Img:
     """A loaded model on a device with a precision; call it (or `generate_batch`) to make images.
+
+    The model must already be on `device` with the weight dtype `precision` asks for (float16 for
+    "half" on a GPU, else float32): `from_files` loads it that way. Txt2Img never moves or casts a
+    model it was handed (that would change the caller's object, or double its memory as a copy);
+    a mismatch is a ValueError saying what to do.
 
     `cuda_graphs=True` replays the UNet from CUDA graphs on CUDA (`ldm.accel.CUDAGraphs`, one
     capture per input shape); `compile=True` puts it through torch.compile. Both are opt-in until a
@@ -301,16 +196,21 @@ class Txt2Img:
     Watermarking happens when files are written (`ldm.images.put_watermark`), not here.
     """
 
+    PROMPT_CACHE = 64  # distinct prompt texts whose tokens / embeddings are kept
+
     def __init__(self, model, device="cpu", precision="autocast", model_name="model", model_hash=None,
                  safety_checker=None, nsfw="black", cuda_graphs=False, compile=False):
         self.device = torch.device(device)
         self.dtype, self.autocast, notice = resolve_precision(self.device, precision)
         if notice:
             log.warning(notice)
-        if model.dtype != self.dtype:  # the weights only: the schedule buffers stay float32
-            for part in (model.model, model.first_stage_model, model.cond_stage_model):
-                part.to(self.dtype)
-        self.model = model.to(self.device)
+        model_device, model_dtype = _model_placement(model)
+        if not _same_device(model_device, self.device) or model_dtype != self.dtype:
+            raise ValueError(
+                f"the model is on {model_device} in {model_dtype}; precision {precision!r} on {self.device} needs "
+                f"{self.dtype} weights there: load it with Txt2Img.from_files, or ldm.checkpoint.load_model(config, "
+                f"ckpt, device={str(self.device)!r}, dtype={self.dtype})")
+        self.model = model
         if compile:
             compile_unet(self.model.model.diffusion_model)
         # The denoiser as the samplers call it (replayed from CUDA graphs when asked; a no-op off CUDA).
@@ -319,14 +219,15 @@ class Txt2Img:
         self.model_hash = model_hash
         self.safety_checker = safety_checker
         self.nsfw = nsfw
-        self._chunks = {}  # (text, emphasis) -> PromptChunks
+        self._chunks = _LRU(self.PROMPT_CACHE)  # (text, emphasis) -> PromptChunks
+        self._embeddings = _LRU(self.PROMPT_CACHE)  # (text, emphasis, n_chunks) -> (1, 77 * n_chunks, D)
         self.detection = None  # what ldm.detect chose, when the config was not given (see from_files)
-        self._embeddings = {}  # (text, emphasis, n_chunks) -> (1, 77 * n_chunks, D) on the device
 
     @classmethod
     def from_files(cls, config=None, ckpt=DEFAULT_CKPT, device=None, precision="autocast", use_ema=False,
                    hash_model=True, parameterization=None, **kwargs) -> Txt2Img:
-        """Load the model of `config` with the weights of `ckpt` (local files only, nothing downloaded).
+        """Load the model of `config` with the weights of `ckpt` (local files only, nothing downloaded)
+        on `device` (default: the best available) in the weight dtype of `precision`.
 
         With `config=None` the bundled config is chosen from the checkpoint's keys, and for SD 2.x
         whether it predicts eps or v from one UNet evaluation (`ldm.detect`; `pipe.detection` says
@@ -343,8 +244,7 @@ class Txt2Img:
         detection = detect.choose_config(ckpt) if config is None else None
         if config is None:
             config = detection.config if detection else DEFAULT_CONFIG
-        config = repo_path(config)
-        config_dict = load_config(config)
+        config_dict = load_config(repo_path(config))
         t0 = time.perf_counter()
         model = load_model(config_dict, ckpt, device=device, dtype=dtype, use_ema=use_ema)
         log.info("loaded %s in %.1f s", ckpt, time.perf_counter() - t0)
@@ -361,6 +261,15 @@ class Txt2Img:
         """Image side when none is given: 768 for v-prediction models (SD 2.x 768-v), else 512."""
         return 768 if self.model.parameterization == "v" else 512
 
+    @property
+    def unet_params(self) -> int:
+        return sum(p.numel() for p in self.model.model.diffusion_model.parameters())
+
+    def threads_for(self, opts: Options, cores: int) -> int:
+        """The thread count `ldm.devices.choose_threads` gives this model at the size of `opts`."""
+        _, h, w = opts.latent_shape()
+        return choose_threads(self.unet_params, h * w, cores)
+
     # --- conditioning
 
     def _autocast(self):
@@ -369,21 +278,21 @@ class Txt2Img:
         return contextlib.nullcontext()
 
     def _tokens(self, text: str, emphasis: bool):
-        key = (text, emphasis)
-        if key not in self._chunks:
+        def tokenize():
             chunks = tokenize_weighted(text, self.model.cond_stage_model.tokenizer, emphasis=emphasis)
             if chunks.n_chunks > 1:
                 log.warning("prompt of %d tokens is longer than 75: encoded in %d chunks of 75 tokens (%s)",
                             chunks.n_tokens, chunks.n_chunks, _short(text))
-            self._chunks[key] = chunks
-        return self._chunks[key]
+            return chunks
+
+        return self._chunks.get_or_make((text, emphasis), tokenize)
 
     def _encode(self, text: str, emphasis: bool, chunks) -> torch.Tensor:
-        key = (text, emphasis, chunks.n_chunks)
-        if key not in self._embeddings:
+        def encode():
             with torch.no_grad(), self._autocast():
-                self._embeddings[key] = encode_weighted(chunks, self.model.cond_stage_model.encode_ids)
-        return self._embeddings[key]
+                return encode_weighted(chunks, self.model.cond_stage_model.encode_ids)
+
+        return self._embeddings.get_or_make((text, emphasis, chunks.n_chunks), encode)
 
     def conditioning(self, prompt: str, negative_prompt: str = "", emphasis: bool = True):
         """(cond, uncond), each (1, 77 * n_chunks, D): the two prompts encoded in the same number
@@ -411,52 +320,41 @@ class Txt2Img:
             groups.setdefault(self._n_chunks(item, opts.emphasis), []).append(i)
         return list(groups.values())
 
+    def guided_denoiser(self, items: list[WorkItem], opts: Options):
+        """The classifier-free guided noise prediction for these items, sampled together."""
+        conds, unconds = zip(*(self.conditioning(item.prompt, item.negative_prompt, opts.emphasis) for item in items))
+        return cfg_denoiser(self._eps_model, torch.cat(conds), torch.cat(unconds), opts.scale, fans_out=True)
+
+    def start_noise(self, items: list[WorkItem], opts: Options) -> torch.Tensor:
+        """x_T of these items, [len(items), C, h, w] on the device: each from its own seed."""
+        return torch.stack([start_code(item.seed, opts.latent_shape()) for item in items]).to(self.device)
+
+    def sample(self, items: list[WorkItem], opts: Options, callback: Callable | None = None) -> torch.Tensor:
+        """The final latents of items sampled together. `callback(i, x_t, x0_pred)` after every step;
+        the step noise of a stochastic sampler comes from the first item's seed."""
+        generator = torch.Generator("cpu").manual_seed(items[0].seed)
+        return run_sampler(opts.sampler, self.guided_denoiser(items, opts), self.start_noise(items, opts),
+                           self.model.alphas_cumprod, opts.steps, generator=generator, callback=callback, eta=opts.eta,
+                           parameterization=getattr(self.model, "parameterization", "eps"))
+
     def generate_batch(self, items: list[WorkItem], opts: Options, callback: Callable | None = None) -> list[Result]:
         """Images for a batch of work items, in order. `callback(i, x_t, x0_pred)` is called once
         per step of each sampler run (see `sampler_runs`)."""
         opts.validate(self.model)
-        shape = opts.latent_shape()
-        n_keep = _intermediate_steps(opts.steps) if opts.intermediates else ()
+        keep = _intermediate_steps(opts.steps) if opts.intermediates else set()
         latents = [None] * len(items)
-        inter = [[] for _ in items]  # per item: [(x_t, x0_pred)] at the kept steps, on the CPU
+        kept = [[] for _ in items]  # per item: [(x_t, x0_pred)] at the kept steps, on the CPU
         with torch.no_grad(), self._autocast():
             for run in self.sampler_runs(items, opts):
-                pairs = [self.conditioning(items[i].prompt, items[i].negative_prompt, opts.emphasis) for i in run]
-                conds, unconds = zip(*pairs)
-                eps_fn = cfg_denoiser(self._eps_model, torch.cat(conds), torch.cat(unconds), opts.scale, fans_out=True)
-                x_T = torch.stack([start_code(items[i].seed, shape) for i in run]).to(self.device)
-                generator = torch.Generator("cpu").manual_seed(items[run[0]].seed)
-
-                def step(i, x_t, x0_pred, run=run):
-                    if i in n_keep:
-                        for j, pos in enumerate(run):
-                            inter[pos].append((x_t[j].float().cpu(), x0_pred[j].float().cpu()))
-                    if callback is not None:
-                        callback(i, x_t, x0_pred)
-
-                z = run_sampler(opts.sampler, eps_fn, x_T, self.model.alphas_cumprod, opts.steps,
-                                generator=generator, callback=step, eta=opts.eta,
-                                parameterization=getattr(self.model, "parameterization", "eps"))
+                z = self.sample([items[i] for i in run], opts, _step_hook(run, keep, kept, callback))
                 for j, pos in enumerate(run):
                     latents[pos] = z[j]
-            if opts.batched:
-                pictures = self.decode(torch.stack(latents))
-            else:
-                pictures = [self.decode(z[None])[0] for z in latents]
-            strips = [self._strip(steps) if steps else None for steps in inter]
+            pictures = self.decode(torch.stack(latents)) if opts.batched else [self.decode(z[None])[0] for z in latents]
+            strips = [self._strip(steps) if steps else None for steps in kept]
+        flags = self.safety_flags(pictures)
+        return [self._result(*row, opts) for row in zip(items, pictures, flags, strips)]
 
-        flags = self.safety_checker.flags(pictures) if self.safety_checker is not None else [False] * len(items)
-        results = []
-        for item, picture, flagged, strip in zip(items, pictures, flags, strips):
-            if flagged:
-                from .safety import replacement
-
-                picture = replacement(picture, self.nsfw)
-                strip = None  # the intermediates would show what the replacement hides
-            settings = self.settings(item, opts)
-            meta = {"prompt": item.prompt, "negative_prompt": item.negative_prompt, "settings": settings}
-            results.append(Result(item, picture, imagelib.format_parameters(meta), flagged, strip, settings))
-        return results
+    # --- after sampling
 
     def decode(self, z: torch.Tensor):
         """Latents [B, C, h, w] -> PIL images (decoded together)."""
@@ -483,23 +381,22 @@ class Txt2Img:
         x_0 = [self.decode(s[1][None].to(self.device))[0] for s in steps]
         return imagelib.make_strip([x_t, x_0])
 
+    def safety_flags(self, pictures) -> list[bool]:
+        """Which pictures the safety checker flags (none without a checker)."""
+        return self.safety_checker.flags(pictures) if self.safety_checker is not None else [False] * len(pictures)
+
+    def _result(self, item: WorkItem, picture, flagged: bool, strip, opts: Options) -> Result:
+        if flagged:
+            from .safety import replacement
+
+            picture = replacement(picture, self.nsfw)
+            strip = None  # the intermediates would show what the replacement hides
+        line = self.settings(item, opts)
+        return Result(item, picture, parameters_text(item, line), flagged, strip, line)
+
     def settings(self, item: WorkItem, opts: Options) -> dict:
         """The web UI's settings line of one image, as an ordered dict."""
-        s = {
-            "Steps": opts.steps,
-            "Sampler": WEBUI_SAMPLER_NAMES.get(opts.sampler, opts.sampler),
-            "CFG scale": _number(opts.scale),
-            "Seed": item.seed,
-            "Size": f"{opts.W}x{opts.H}",
-        }
-        if self.model_hash:
-            s["Model hash"] = self.model_hash
-        s["Model"] = self.model_name
-        if opts.eta is not None and (opts.eta or opts.sampler != "ddim"):
-            s["Eta"] = _number(opts.eta)
-        if not opts.emphasis:
-            s["Emphasis"] = "None"
-        return s
+        return settings(item, opts, self.model_name, self.model_hash)
 
     # --- the whole run
 
@@ -512,7 +409,7 @@ class Txt2Img:
         H, W = (self.default_size if side is None else side for side in (H, W))
         opts = Options(sampler, steps, scale, eta, H, W, C, f, emphasis, intermediates, batched)
         opts.validate(self.model)
-        _check_counts(n_samples, n_iter)
+        check_counts(n_samples, n_iter)
         batches = prompt_batches(prompt, negative_prompt, n_samples, repeat=isinstance(prompt, str))
         results = []
         for items in plan_work(batches, n_iter, seed, fixed_code):
@@ -530,10 +427,18 @@ def generate(prompt=DEFAULT_PROMPT, negative_prompt="", *, config=None, ckpt=DEF
     return pipe(prompt, negative_prompt, **options)
 
 
-def _check_counts(n_samples, n_iter):
-    for name, value in (("n_samples", n_samples), ("n_iter", n_iter)):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"--{name} must be a positive integer, got {value}")
+def _step_hook(run: list[int], keep: set[int], kept: list[list], callback: Callable | None):
+    """The sampler's per-step callback for one run: keeps (x_t, x0_pred) of each of the run's items
+    at the steps in `keep` (in kept[position]), then calls the caller's callback."""
+
+    def step(i, x_t, x0_pred):
+        if i in keep:
+            for j, pos in enumerate(run):
+                kept[pos].append((x_t[j].float().cpu(), x0_pred[j].float().cpu()))
+        if callback is not None:
+            callback(i, x_t, x0_pred)
+
+    return step
 
 
 def _intermediate_steps(steps: int) -> set[int]:
@@ -542,54 +447,5 @@ def _intermediate_steps(steps: int) -> set[int]:
     return {i for i in range(steps) if i % every == every - 1 or i == steps - 1}
 
 
-def _number(x) -> str:
-    return f"{x:g}" if isinstance(x, float) else str(x)
-
-
 def _short(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def sampler_from_label(label: str) -> str:
-    """The registry name of a sampler as written in a `parameters` text (web UI label or our name)."""
-    from .samplers import SAMPLERS
-
-    by_label = {v.lower(): k for k, v in WEBUI_SAMPLER_NAMES.items()}
-    name = by_label.get(label.strip().lower(), label.strip().lower())
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {label!r} in the image's parameters; valid samplers: {', '.join(SAMPLERS)}")
-    return name
-
-
-def options_from_parameters(text: str) -> dict:
-    """What a `parameters` text records, as keyword arguments of `Txt2Img.__call__` (prompt,
-    negative_prompt, steps, sampler, scale, seed, H, W, eta, emphasis) plus "model_hash" and
-    "model" when present. ValueError when it lacks the seed or the steps."""
-    meta = imagelib.parse_parameters(text)
-    s = meta["settings"]
-    missing = [k for k in ("Steps", "Seed") if k not in s]
-    if missing:
-        raise ValueError(f"the image's parameters lack {' and '.join(missing)}")
-    out = {"prompt": meta["prompt"], "negative_prompt": meta["negative_prompt"]}
-    try:
-        out["steps"] = int(s["Steps"])
-        out["seed"] = int(s["Seed"])
-        if "Sampler" in s:
-            out["sampler"] = sampler_from_label(s["Sampler"])
-        if "CFG scale" in s:
-            out["scale"] = float(s["CFG scale"])
-        if "Size" in s:
-            w, h = s["Size"].lower().split("x")
-            out["W"], out["H"] = int(w), int(h)
-        if "Eta" in s:
-            out["eta"] = float(s["Eta"])
-    except ValueError as e:
-        if "unknown sampler" in str(e):
-            raise
-        raise ValueError(f"malformed settings in the image's parameters: {e}") from None
-    out["emphasis"] = s.get("Emphasis", "").lower() not in ("none", "off")
-    if "Model hash" in s:
-        out["model_hash"] = s["Model hash"]
-    if "Model" in s:
-        out["model"] = s["Model"]
-    return out

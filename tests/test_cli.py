@@ -340,6 +340,86 @@ def test_demo_runs_from_any_directory(tmp_path, monkeypatch):
     assert Image.open(sample).size == (64, 64) and "Model: shapes" in params(sample)
 
 
+def test_demo_image_re_renders_from_from_png_alone(tmp_path, monkeypatch):
+    """--from_png finds the demo model by the PNG's model hash: no other flag, the same pixels."""
+    if not (REPO / "models" / "demo" / "shapes.safetensors").is_file():
+        pytest.skip("the bundled demo model is not in this checkout yet")
+    monkeypatch.chdir(tmp_path)
+    run_ok(["--demo", "--prompt", "a blue square on a black background", "--n_samples", 2, "--n_iter", 1,
+            "--ddim_steps", 6, "--seed", 3, "--outdir", "first"])
+    source = tmp_path / "first" / "samples" / "00001.png"
+    out, err = run_ok(["--from_png", str(source)])
+    again = tmp_path / "outputs" / "txt2img-samples" / "samples" / "00000.png"
+    assert "not needed for the bundled demo model" in err
+    assert params(again) == params(source) and "Seed: 4," in params(again)
+    assert np.array_equal(pixels(again), pixels(source))
+
+
+def test_from_png_finds_the_checkpoint_under_models_and_in_the_hash_cache(first_run, tiny, tmp_path, monkeypatch):
+    source = first_run.outdir / "samples" / "00001.png"
+    monkeypatch.chdir(tmp_path)
+    # under ./models/ (recursively), never hashed before (the cache is this test's own)
+    (tmp_path / "models" / "sd" / "v1").mkdir(parents=True)
+    shutil.copy(tiny.ckpt, tmp_path / "models" / "sd" / "v1" / "mine.safetensors")
+    run_ok(["--config", tiny.config, "--outdir", "a", "--no_safety_checker", "--from_png", source])
+    assert np.array_equal(pixels(tmp_path / "a" / "samples" / "00000.png"), pixels(source))
+    # gone from models/, but hashed before: the cache knows its path
+    shutil.rmtree(tmp_path / "models")
+    run_ok(["--config", tiny.config, "--ckpt", tiny.ckpt, "--outdir", "b", "--no_safety_checker", "--n_iter", 1,
+            "--n_samples", 1, "--ddim_steps", 1])
+    run_ok(["--config", tiny.config, "--outdir", "c", "--no_safety_checker", "--from_png", source])
+    assert np.array_equal(pixels(tmp_path / "c" / "samples" / "00000.png"), pixels(source))
+
+
+def test_a_run_reads_each_checkpoint_for_its_hash_at_most_once(first_run, tiny, tmp_path, monkeypatch):
+    """--from_png searches by hash, then loads: the file found is hashed once (the cache serves the
+    load), and a later run hashes nothing."""
+    import ldm.hashing
+
+    hashed, real_open = [], open
+
+    def counting_open(path, *args, **kwargs):
+        if args[:1] == ("rb",):
+            hashed.append(Path(path).resolve())
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(ldm.hashing, "open", counting_open, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    shutil.copy(tiny.ckpt, tmp_path / "models" / "tiny.safetensors")
+    source = first_run.outdir / "samples" / "00000.png"
+    run_ok(["--config", tiny.config, "--outdir", "a", "--no_safety_checker", "--from_png", source])
+    assert hashed.count((tmp_path / "models" / "tiny.safetensors").resolve()) == 1
+    assert len(hashed) == len(set(hashed))
+    hashed.clear()
+    run_ok(["--config", tiny.config, "--outdir", "b", "--no_safety_checker", "--from_png", source])
+    assert hashed == []
+
+
+def test_from_png_of_an_unknown_model_says_which_model_and_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = "a red fox\nSteps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 1, Size: 64x64, Model hash: 0123abcdef, Model: mystery"
+    imagelib.save_png(Image.new("RGB", (64, 64)), tmp_path / "x.png", text)
+    code, out, err = run(["--from_png", tmp_path / "x.png"])
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and err.startswith("txt2img: error: "), err
+    for part in ("mystery", "0123abcdef", "demo model", "models/", "hashed before", "--ckpt"):
+        assert part in err, part
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_thread_count_follows_the_work(tiny, tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for extra, expected in (([], "1 CPU thread(s)"), (["--threads", 2], "2 CPU thread(s)")):
+        _, err = run_ok(base_args(tiny, tmp_path, "--n_samples", 1, "--n_iter", 1, "-v", *extra, steps=1))
+        assert expected in err
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice: left to torch
+    _, err = run_ok(base_args(tiny, tmp_path, "--n_samples", 1, "--n_iter", 1, "-v", "--threads", 2, steps=1))
+    assert "2 CPU thread(s)" in err
+    _, err = run_ok(base_args(tiny, tmp_path, "--n_samples", 1, "--n_iter", 1, "-v", steps=1))
+    assert "CPU thread(s)" not in err
+
+
 # ----------------------------------------------------------------------------- concurrency, interruption, full disk
 
 
@@ -451,6 +531,7 @@ BAD_INPUTS = {
     "laion400m": (["--laion400m"], ["not supported"]),
     "empty watermark text": (["--watermark", ""], ["--watermark needs a text"]),
     "PNG without parameters": (["--from_png", "{tmp}/plain.png"], ["no generation parameters"]),
+    "zero threads": (["--threads", "0"], ["--threads must be a positive integer"]),
 }
 
 

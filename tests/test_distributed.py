@@ -165,3 +165,37 @@ def test_failing_rank_fails_the_job_quickly(job, tmp_path):
     assert r.returncode != 0
     assert time.time() - t0 < 170
     assert "txt2img: error (rank 1): simulated failure on rank 1" in r.stderr
+
+
+def test_failing_rank_ends_every_rank_under_a_plain_launcher(job, tmp_path):
+    """Two processes started directly (as a launcher other than torchrun does: nobody kills the
+    others when one fails): rank 1 fails at its first batch; rank 0 learns it at the status
+    collective after its own batch and stops with that rank's error, instead of waiting."""
+    import socket
+
+    d, args = job
+    wrapper = tmp_path / "fail_rank1.py"
+    wrapper.write_text(
+        "import os, sys\n"
+        "from ldm import pipeline\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    def boom(self, *a, **k):\n"
+        "        raise ValueError('simulated failure on rank 1')\n"
+        "    pipeline.Txt2Img.generate_batch = boom\n"
+        "from ldm.cli import main\n"
+        "sys.exit(main())\n"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        e = dict(env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                 LOCAL_RANK=str(rank))
+        procs.append(subprocess.Popen([sys.executable, str(wrapper), *args, "--outdir", str(tmp_path / "out")],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=REPO))
+    errs = [p.communicate(timeout=170)[1] for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], errs
+    assert "txt2img: error (rank 1): simulated failure on rank 1" in errs[1]
+    assert "txt2img: error (rank 0): rank 1 failed: simulated failure on rank 1" in errs[0]
+    assert not (tmp_path / "out" / "grid-0000.png").exists()  # no grid of a failed job

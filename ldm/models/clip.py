@@ -67,7 +67,9 @@ class CLIPTextEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.position_embedding = nn.Embedding(max_positions, width)
         # Persistent, as in the checkpoints of the v1 era (the loader fills it in when a file lacks it).
-        self.register_buffer("position_ids", torch.arange(max_positions)[None], persistent=True)
+        # Made on the CPU even in a meta-device build (a meta arange runs a Python decomposition that
+        # costs seconds of imports); the loader assigns the file's values anyway.
+        self.register_buffer("position_ids", torch.arange(max_positions, device="cpu")[None], persistent=True)
 
     def forward(self, ids):
         return self.token_embedding(ids) + self.position_embedding(self.position_ids[:, : ids.shape[1]])
