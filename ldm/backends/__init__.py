@@ -1,0 +1,158 @@
+"""Fast paths as a pass over the reference model: `optimize(model, BackendOptions(...)) -> model`.
+
+    from ldm.backends import BackendOptions, optimize
+    model = optimize(load_model(config, ckpt), BackendOptions.from_env())   # the CLI's choice
+    eps = model.apply_model(x, t, torch.cat([uncond, cond]))               # B latents, 2B contexts
+
+`optimize` changes the class of each module it speeds up to a subclass that overrides `forward`
+only (`ldm.backends.modules`), and packs the convolution weights for oneDNN right away (so the
+first sampling step does not pay for it). It returns the same object: the model is changed in
+place, its parameters, buffers and `state_dict()` untouched (same keys, same tensors).
+`deoptimize` turns it back into the reference model; `refresh` rebuilds everything derived from
+the weights after they were changed in place (a LoRA merged into them, say) — changes are also
+noticed at the next call, but refresh does the packing up front.
+
+The optimized UNet also accepts k*B contexts for B latents (each latent under each context, as
+classifier-free guidance asks), which the reference does not: `fans_out(model)` tells a caller
+which contract a model has.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from ..models.autoencoder import AutoencoderKL, Decoder
+from ..models.unet import UNetModel
+from . import kernels
+from .modules import COMPOSITE, LEAVES, Derived, FastCrossAttention, FastUNet, PackedConv2d, PhaseUpsample
+from .options import BackendOptions
+
+__all__ = ["BackendOptions", "optimize", "deoptimize", "refresh", "fans_out", "is_optimized"]
+
+log = logging.getLogger(__name__)
+
+_REFERENCE = {fast: ref for ref, fast in {**COMPOSITE, **LEAVES}.items()}
+_ADDED = ("backend", "fused", "hint", "_form", "_kv", "_phases", "_runner")  # instance attributes optimize may add
+
+
+def is_optimized(model: nn.Module) -> bool:
+    return any(isinstance(m, Derived) for m in model.modules())
+
+
+def fans_out(model: nn.Module) -> bool:
+    """True when the model's UNet takes B latents with k*B contexts (an optimized one does)."""
+    return any(isinstance(m, FastUNet) for m in model.modules())
+
+
+def optimize(model: nn.Module, options: BackendOptions | None = None) -> nn.Module:
+    """Swap the fused modules into `model` (a LatentDiffusion, a UNetModel, or any module tree made of
+    ours) as `options` say, pack the convolution weights, and return the same model, changed in place.
+
+    An already optimized model is first turned back (`deoptimize`), so this also changes options.
+    """
+    options = options or BackendOptions()
+    if is_optimized(model):
+        deoptimize(model)
+    onednn = options.onednn and kernels.onednn_available()
+    if options.onednn and not onednn:
+        log.info("this torch has no oneDNN inference ops: the CPU kernels stay off")
+    hints = _input_shapes(model, options.prepack_latent_size) if onednn and options.prepack_latent_size else {}
+    shared_fused = kernels.FusedAttention()
+    for m in model.modules():
+        fast = COMPOSITE.get(type(m)) or (LEAVES.get(type(m)) if onednn else None)
+        if fast is None:
+            continue
+        m.__class__ = fast
+        m.backend = options.replace(onednn=onednn)
+        if hasattr(fast, "attend"):
+            m.fused = shared_fused
+    t0 = time.perf_counter()
+    n = _pack(model, hints)
+    if n:
+        log.info("packed %d convolution weights for oneDNN in %.1f s", n, time.perf_counter() - t0)
+    return model
+
+
+def deoptimize(model: nn.Module) -> nn.Module:
+    """Turn an optimized model back into the reference model (in place; returns it)."""
+    for m in model.modules():
+        ref = _REFERENCE.get(type(m))
+        if ref is None:
+            continue
+        for name in _ADDED:
+            m.__dict__.pop(name, None)
+        m.__class__ = ref
+    return model
+
+
+def refresh(model: nn.Module) -> nn.Module:
+    """Rebuild what an optimized model derived from its weights (packed and rearranged weights, kept
+    keys and values), after weights were changed in place; returns the model."""
+    for m in model.modules():
+        if isinstance(m, (PackedConv2d, PhaseUpsample, FastCrossAttention)):
+            m.clear_derived()
+    _pack(model, None)
+    return model
+
+
+def _phase_convs(model):
+    """The convolutions that run only as phase kernels (their plain packed form is never needed)."""
+    return {id(m.conv) for m in model.modules()
+            if isinstance(m, PhaseUpsample) and m.backend.phase_upsample and isinstance(m.conv, PackedConv2d)}
+
+
+def _pack(model, hints):
+    """Pack each conv weight (or its phase kernels) for its input shape: from `hints`, or for the shape
+    it was packed for before (None); returns how many."""
+    phase_only = _phase_convs(model)
+    n = 0
+    for m in model.modules():
+        if isinstance(m, PhaseUpsample):
+            if id(m.conv) not in phase_only:
+                continue
+        elif not isinstance(m, PackedConv2d) or id(m) in phase_only:
+            continue
+        hint = m.hint if hints is None else hints.get(id(m))
+        if hint is None:
+            continue
+        with torch.no_grad():
+            m.pack(hint)
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def _input_shapes(model, size):
+    """{id(module): input shape} of every Conv2d and UNet Upsample in the model's UNets and decoders, for
+    a latent of size x size under guidance (batch 2), found by running them on the meta device (no compute)."""
+    from ..models.unet import Upsample
+
+    shapes = {}
+
+    def record(m, args):
+        shapes[id(m)] = tuple(args[0].shape)
+
+    for top in model.modules():
+        if isinstance(top, UNetModel):
+            args = [(2, top.in_channels, size, size), (2,), (2, 77, top.context_dim)]
+            if top.num_classes is not None:
+                args.append((2, top.label_emb[0][0].in_features))
+        elif isinstance(top, Decoder):
+            args = [(1, top.conv_in.in_channels, size, size)]
+        elif isinstance(top, AutoencoderKL):
+            shapes[id(top.post_quant_conv)] = (1, top.post_quant_conv.in_channels, size, size)
+            continue
+        else:
+            continue
+        hooks = [m.register_forward_pre_hook(record) for m in top.modules() if isinstance(m, (nn.Conv2d, Upsample))]
+        try:
+            state = {k: torch.empty_like(v, device="meta") for k, v in (*top.named_parameters(), *top.named_buffers())}
+            torch.func.functional_call(top, state, tuple(torch.empty(a, device="meta") for a in args))
+        finally:
+            for h in hooks:
+                h.remove()
+    return shapes
