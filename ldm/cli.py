@@ -285,6 +285,7 @@ def _run(args, given) -> int:
         raise ValueError("--from_png and --from-file cannot be combined")
 
     from . import pipeline
+    from .backends import BackendOptions
     from .pipeline import Options, Txt2Img
 
     # --- what to run: flags, then --demo and --from_png where the flags were not given explicitly
@@ -372,8 +373,8 @@ def _run(args, given) -> int:
 
     t0 = time.perf_counter()
     pipe = Txt2Img.from_files(config, ckpt, device=device, precision=args.precision, use_ema=args.use_ema,
-                              safety_checker=checker, nsfw=args.nsfw, cuda_graphs=args.cuda_graphs,
-                              compile=args.compile)
+                              safety_checker=checker, nsfw=args.nsfw,
+                              backend=BackendOptions.from_env(cuda_graphs=args.cuda_graphs, compile=args.compile))
     opts.validate(pipe.model)
     if checker_note:
         notice(checker_note)

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from . import images as imagelib
-from .accel import CUDAGraphs, compile_unet
+from .backends import BackendOptions, fans_out, optimize
 from .checkpoint import CheckpointError, load_model
 from .config import load_config
 from .defaults import DEFAULT_CKPT, DEFAULT_CONFIG, DEFAULT_PROMPT
@@ -282,9 +282,11 @@ class Result:
 class Txt2Img:
     """A loaded model on a device with a precision; call it (or `generate_batch`) to make images.
 
-    `cuda_graphs=True` replays the UNet from CUDA graphs on CUDA (`ldm.accel.CUDAGraphs`, one
-    capture per input shape); `compile=True` puts it through torch.compile. Both are opt-in until a
-    GPU benchmark shows they pay (see bench/README.md).
+    The model goes through `ldm.backends.optimize` with `backend` (default `BackendOptions()`; the
+    command line passes `BackendOptions.from_env()`): that pass is the only change made to it.
+    `cuda_graphs=True` replays the UNet from CUDA graphs on CUDA (one capture per input shape);
+    `compile=True` puts it through torch.compile. Both are opt-in until a GPU benchmark shows they
+    pay (see bench/README.md).
 
     `safety_checker` (an `ldm.safety.SafetyChecker`, or None for none) checks every image; a
     flagged one is replaced as `nsfw` says ("black" or "blur") and marked in its Result. The
@@ -293,7 +295,7 @@ class Txt2Img:
     """
 
     def __init__(self, model, device="cpu", precision="autocast", model_name="model", model_hash=None,
-                 safety_checker=None, nsfw="black", cuda_graphs=False, compile=False):
+                 safety_checker=None, nsfw="black", cuda_graphs=False, compile=False, backend=None):
         self.device = torch.device(device)
         self.dtype, self.autocast, notice = resolve_precision(self.device, precision)
         if notice:
@@ -301,11 +303,10 @@ class Txt2Img:
         if model.dtype != self.dtype:  # the weights only: the schedule buffers stay float32
             for part in (model.model, model.first_stage_model, model.cond_stage_model):
                 part.to(self.dtype)
-        self.model = model.to(self.device)
-        if compile:
-            compile_unet(self.model.model.diffusion_model)
-        # The denoiser as the samplers call it (replayed from CUDA graphs when asked; a no-op off CUDA).
-        self.unet = CUDAGraphs(self.model.apply_model) if cuda_graphs else self.model.apply_model
+        backend = backend or BackendOptions()
+        backend = backend.replace(cuda_graphs=backend.cuda_graphs or cuda_graphs, compile=backend.compile or compile)
+        self.model = optimize(model.to(self.device), backend)
+        self.unet = self.model.apply_model  # the denoiser as the samplers call it
         self.model_name = model_name
         self.model_hash = model_hash
         self.safety_checker = safety_checker
@@ -395,7 +396,8 @@ class Txt2Img:
             for run in self.sampler_runs(items, opts):
                 pairs = [self.conditioning(items[i].prompt, items[i].negative_prompt, opts.emphasis) for i in run]
                 conds, unconds = zip(*pairs)
-                eps_fn = cfg_denoiser(self._eps_model, torch.cat(conds), torch.cat(unconds), opts.scale, fans_out=True)
+                eps_fn = cfg_denoiser(self._eps_model, torch.cat(conds), torch.cat(unconds), opts.scale,
+                                      fans_out=fans_out(self.model))
                 x_T = torch.stack([start_code(items[i].seed, shape) for i in run]).to(self.device)
                 generator = torch.Generator("cpu").manual_seed(items[run[0]].seed)
 

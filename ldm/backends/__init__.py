@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from ..models.autoencoder import AutoencoderKL, Decoder
-from ..models.unet import UNetModel
 from . import kernels
 from .modules import COMPOSITE, LEAVES, Derived, FastCrossAttention, FastUNet, PackedConv2d, PhaseUpsample
 from .options import BackendOptions
@@ -60,7 +59,6 @@ def optimize(model: nn.Module, options: BackendOptions | None = None) -> nn.Modu
     onednn = options.onednn and kernels.onednn_available()
     if options.onednn and not onednn:
         log.info("this torch has no oneDNN inference ops: the CPU kernels stay off")
-    hints = _input_shapes(model, options.prepack_latent_size) if onednn and options.prepack_latent_size else {}
     shared_fused = kernels.FusedAttention()
     for m in model.modules():
         fast = COMPOSITE.get(type(m)) or (LEAVES.get(type(m)) if onednn else None)
@@ -71,6 +69,7 @@ def optimize(model: nn.Module, options: BackendOptions | None = None) -> nn.Modu
         if hasattr(fast, "attend"):
             m.fused = shared_fused
     t0 = time.perf_counter()
+    hints = _input_shapes(model, options.prepack_latent_size) if onednn and options.prepack_latent_size else {}
     n = _pack(model, hints)
     if n:
         log.info("packed %d convolution weights for oneDNN in %.1f s", n, time.perf_counter() - t0)
@@ -125,34 +124,48 @@ def _pack(model, hints):
     return n
 
 
+class _Call(nn.Module):
+    """Holds a module to call one of its methods under torch.func.functional_call."""
+
+    def __init__(self, module, method):
+        super().__init__()
+        self.module, self.method = module, method
+
+    def forward(self, *args):
+        return getattr(self.module, self.method)(*args)
+
+
 @torch.no_grad()
 def _input_shapes(model, size):
-    """{id(module): input shape} of every Conv2d and UNet Upsample in the model's UNets and decoders, for
-    a latent of size x size under guidance (batch 2), found by running them on the meta device (no compute)."""
-    from ..models.unet import Upsample
-
+    """{id(module): input shape} of every conv and phase upsampler of the (optimized) model's UNets and
+    decoders, as one guided sampling step at a size x size latent gives them (one latent, two contexts:
+    the layers before the fan-out see batch 1), found by running them on the meta device (no compute)."""
     shapes = {}
 
     def record(m, args):
         shapes[id(m)] = tuple(args[0].shape)
 
     for top in model.modules():
-        if isinstance(top, UNetModel):
-            args = [(2, top.in_channels, size, size), (2,), (2, 77, top.context_dim)]
+        if isinstance(top, FastUNet):
+            method, args = "fast_forward", [(1, top.in_channels, size, size), (1,), (2, 77, top.context_dim)]
             if top.num_classes is not None:
-                args.append((2, top.label_emb[0][0].in_features))
+                args.append((1, top.label_emb[0][0].in_features))
         elif isinstance(top, Decoder):
-            args = [(1, top.conv_in.in_channels, size, size)]
+            method, args = "forward", [(1, top.conv_in.in_channels, size, size)]
         elif isinstance(top, AutoencoderKL):
             shapes[id(top.post_quant_conv)] = (1, top.post_quant_conv.in_channels, size, size)
             continue
         else:
             continue
-        hooks = [m.register_forward_pre_hook(record) for m in top.modules() if isinstance(m, (nn.Conv2d, Upsample))]
+        hooks = [m.register_forward_pre_hook(record) for m in top.modules() if isinstance(m, (nn.Conv2d, PhaseUpsample))]
+        call = _Call(top, method)
         try:
-            state = {k: torch.empty_like(v, device="meta") for k, v in (*top.named_parameters(), *top.named_buffers())}
-            torch.func.functional_call(top, state, tuple(torch.empty(a, device="meta") for a in args))
+            state = {k: torch.empty_like(v, device="meta") for k, v in (*call.named_parameters(), *call.named_buffers())}
+            torch.func.functional_call(call, state, tuple(torch.empty(a, device="meta") for a in args))
         finally:
             for h in hooks:
                 h.remove()
+            for m in top.modules():
+                if isinstance(m, FastCrossAttention):
+                    m.clear_derived()  # keys and values of the meta run
     return shapes

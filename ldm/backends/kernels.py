@@ -146,9 +146,10 @@ def gemm_conv(x, w, k, stride, padding, bias=None, residual=None):
     return out if residual is None else out.add_(residual)
 
 
-def conv_output_size(conv, x):
+def conv_output_size(conv, shape):
+    """(height, width) of conv's output for inputs of `shape` [N, C, H, W]."""
     return [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
-            zip(x.shape[2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride)]
+            zip(shape[2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride)]
 
 
 # Nearest 2x upsampling, then a 3x3 convolution with padding 1: output row 2i + a reads upsampled rows

@@ -79,17 +79,18 @@ class PackedConv2d(Derived, nn.Conv2d):
                     and x.dim() == 4)
 
     def weight_form(self, kind, input_shape=None):
-        """The weight as the call takes it: "packed" (oneDNN's layout, for inputs like `input_shape`) or
-        "gemm" (`gemm_layout`). One form is kept at a time, made again when the weight changed."""
-        key = kernels.tensor_key(self.weight)
+        """The weight as the call takes it: "packed" (oneDNN's layout for inputs of `input_shape`) or
+        "gemm" (`gemm_layout`). One form is kept at a time, made again when the weight changed or, for
+        the packed form, when the input shape did (oneDNN would otherwise reorder it at every call)."""
+        key = (kernels.tensor_key(self.weight), kind, tuple(input_shape) if kind == "packed" else None)
         form = self.__dict__.get("_form")
-        if form is None or form[0] != key or form[1] != kind:
+        if form is None or form[0] != key:
             self.__dict__.pop("_form", None)  # release the old copy before making the new one
             if kind == "gemm":
                 value = kernels.gemm_layout(self.weight)
             else:
-                shape = input_shape or self.hint
-                value = kernels.pack_conv_weight(self.weight, self.padding, self.stride, self.dilation, self.groups, shape)
+                value = kernels.pack_conv_weight(self.weight, self.padding, self.stride, self.dilation, self.groups,
+                                                 input_shape)
             self._form = (key, kind, value)
             release_file_pages(self.weight)  # the plain copy is not read again: no need to keep it resident
         return self._form[2]
@@ -97,13 +98,13 @@ class PackedConv2d(Derived, nn.Conv2d):
     def pack(self, input_shape):
         """Lay the weight out for inputs of `input_shape` now (at optimize time, not in the first step)."""
         self.hint = tuple(input_shape)
-        self.weight_form("packed", self.hint)
+        self.weight_form("gemm" if self._gemm_ok(self.hint) else "packed", self.hint)
 
-    def _gemm_ok(self, x):
+    def _gemm_ok(self, shape):
+        """True when a call on inputs of `shape` takes `gemm_conv`: a kxk convolution (k > 1) with few outputs."""
+        ho, wo = kernels.conv_output_size(self, shape)
         return (self.backend.tiny_conv_gemm and self.kernel_size != (1, 1) and self.groups == 1
-                and self.dilation == (1, 1)
-                and x.shape[0] * kernels.conv_output_size(self, x)[0] * kernels.conv_output_size(self, x)[1]
-                <= kernels.GEMM_MAX_ROWS)
+                and self.dilation == (1, 1) and shape[0] * ho * wo <= kernels.GEMM_MAX_ROWS)
 
     def forward(self, x, residual=None, shift=None):
         if self._plain_path(x):
@@ -113,13 +114,13 @@ class PackedConv2d(Derived, nn.Conv2d):
             if shift is not None and shift.dtype == x.dtype and bool((shift == shift[:1]).all()):
                 bias = shift[0] if bias is None else bias + shift[0]
                 shift = None
-            out_shape = (x.shape[0], self.out_channels, *kernels.conv_output_size(self, x))
+            out_shape = (x.shape[0], self.out_channels, *kernels.conv_output_size(self, x.shape))
             fuse = residual is not None and kernels.fusable(residual, out_shape, x)
-            if self._gemm_ok(x):
+            if self._gemm_ok(x.shape):
                 y = kernels.gemm_conv(x, self.weight_form("gemm"), self.kernel_size, self.stride, self.padding, bias,
                                       residual if fuse else None)
             else:
-                y = kernels.conv(x, self.weight_form("packed", self.hint or tuple(x.shape)), bias, self.padding,
+                y = kernels.conv(x, self.weight_form("packed", x.shape), bias, self.padding,
                                  self.stride, self.dilation, self.groups, residual if fuse else None)
             if fuse:
                 residual = None
@@ -157,7 +158,8 @@ class Attention:
 
     def attend(self, q, k, v):  # (b, h, n, d) each
         opts = self.backend
-        if opts.fp32_attention and (q.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(q.device.type)):
+        if opts.fp32_attention and (q.dtype in (torch.float16, torch.bfloat16)
+                                    or (q.is_cuda and torch.is_autocast_enabled("cuda"))):
             with torch.autocast(q.device.type, enabled=False):
                 return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
         if opts.onednn:
@@ -238,7 +240,7 @@ class PhaseUpsample(Derived, Upsample):
     """conv(nearest 2x upsampling of x) as four 2x2 convolutions of x, one per output phase."""
 
     _derived = ("_phases",)
-    hint = None
+    hint = None  # the input shape the phase kernels were first packed for (set by optimize)
 
     def _applies(self, x):
         c = self.conv
@@ -249,7 +251,7 @@ class PhaseUpsample(Derived, Upsample):
     def phase_kernels(self, gemm, input_shape):
         """The four phase kernels, in the form the call takes: laid out for `gemm_conv`, or packed for
         oneDNN's convolution of inputs like `input_shape` (kept while the weight stays)."""
-        key = (kernels.tensor_key(self.conv.weight), gemm)
+        key = (kernels.tensor_key(self.conv.weight), gemm, None if gemm else tuple(input_shape))
         kept = self.__dict__.get("_phases")
         if kept is None or kept[0] != key:
             self.__dict__.pop("_phases", None)
@@ -263,16 +265,19 @@ class PhaseUpsample(Derived, Upsample):
             release_file_pages(self.conv.weight)
         return self._phases[1]
 
+    def _gemm(self, shape):
+        N, _, H, W = shape
+        return self.backend.tiny_conv_gemm and N * H * W <= kernels.GEMM_MAX_ROWS
+
     def pack(self, input_shape):
         self.hint = tuple(input_shape)
-        self.phase_kernels(False, self.hint)
+        self.phase_kernels(self._gemm(self.hint), self.hint)
 
     def forward(self, x):
         if not self._applies(x):
             return super().forward(x)
-        N, _, H, W = x.shape
-        gemm = self.backend.tiny_conv_gemm and N * H * W <= kernels.GEMM_MAX_ROWS
-        kernels_ = self.phase_kernels(gemm, self.hint or tuple(x.shape))
+        gemm = self._gemm(x.shape)
+        kernels_ = self.phase_kernels(gemm, x.shape)
         return kernels.upsampled_conv(x, kernels_, self.conv.bias, self.conv.out_channels, gemm)
 
 
