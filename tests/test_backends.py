@@ -244,12 +244,12 @@ def test_v2_and_xl_configs_build_the_original_key_layout(name):
 
     if name == "v2":
         node = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": _v2_unet_params()}
-        key = "model.diffusion_model."
         config = {"model": {"params": {"unet_config": node}}}
     else:
         node = {"target": "sgm.modules.diffusionmodules.openaimodel.UNetModel", "params": SDXL_UNET}
-        key = "model.diffusion_model."
         config = {"model": {"params": {"network_config": node}}}
+    key = "model.diffusion_model."
+    config["model"]["params"]["first_stage_config"] = model_config(V1_CONFIG)["params"]["first_stage_config"]
     with torch.device("meta"):
         unet = instantiate(node)
     sd = {key + k: v for k, v in unet.state_dict().items()}

@@ -26,8 +26,10 @@ import torch
 from torch import nn
 
 from ..models.autoencoder import AutoencoderKL, Decoder
+from ..models.unet import UNetModel
 from . import kernels
 from .modules import COMPOSITE, LEAVES, Derived, FastCrossAttention, FastUNet, PackedConv2d, PhaseUpsample
+from .memory import release_file_pages
 from .options import BackendOptions
 
 __all__ = ["BackendOptions", "optimize", "deoptimize", "refresh", "fans_out", "is_optimized"]
@@ -59,6 +61,9 @@ def optimize(model: nn.Module, options: BackendOptions | None = None) -> nn.Modu
     onednn = options.onednn and kernels.onednn_available()
     if options.onednn and not onednn:
         log.info("this torch has no oneDNN inference ops: the CPU kernels stay off")
+    hints = {}
+    if onednn and options.prepack_latent_size:
+        hints = _input_shapes(model, options.prepack_latent_size, options.fan_out)
     shared_fused = kernels.FusedAttention()
     for m in model.modules():
         fast = COMPOSITE.get(type(m)) or (LEAVES.get(type(m)) if onednn else None)
@@ -69,7 +74,6 @@ def optimize(model: nn.Module, options: BackendOptions | None = None) -> nn.Modu
         if hasattr(fast, "attend"):
             m.fused = shared_fused
     t0 = time.perf_counter()
-    hints = _input_shapes(model, options.prepack_latent_size) if onednn and options.prepack_latent_size else {}
     n = _pack(model, hints)
     if n:
         log.info("packed %d convolution weights for oneDNN in %.1f s", n, time.perf_counter() - t0)
@@ -108,7 +112,7 @@ def _pack(model, hints):
     """Pack each conv weight (or its phase kernels) for its input shape: from `hints`, or for the shape
     it was packed for before (None); returns how many."""
     phase_only = _phase_convs(model)
-    n = 0
+    packed = []
     for m in model.modules():
         if isinstance(m, PhaseUpsample):
             if id(m.conv) not in phase_only:
@@ -118,54 +122,63 @@ def _pack(model, hints):
         hint = m.hint if hints is None else hints.get(id(m))
         if hint is None:
             continue
-        with torch.no_grad():
-            m.pack(hint)
-        n += 1
-    return n
-
-
-class _Call(nn.Module):
-    """Holds a module to call one of its methods under torch.func.functional_call."""
-
-    def __init__(self, module, method):
-        super().__init__()
-        self.module, self.method = module, method
-
-    def forward(self, *args):
-        return getattr(self.module, self.method)(*args)
+        m.release_pages = False
+        try:
+            with torch.no_grad():
+                m.pack(hint)
+        finally:
+            del m.release_pages
+        packed.append(m.conv.weight if isinstance(m, PhaseUpsample) else m.weight)
+    release_file_pages(packed)  # the plain copies are not read again: no need to keep them resident
+    return len(packed)
 
 
 @torch.no_grad()
-def _input_shapes(model, size):
-    """{id(module): input shape} of every conv and phase upsampler of the (optimized) model's UNets and
-    decoders, as one guided sampling step at a size x size latent gives them (one latent, two contexts:
-    the layers before the fan-out see batch 1), found by running them on the meta device (no compute)."""
+def _input_shapes(model, size, fan_out):
+    """{id(module): input shape} of every conv and UNet upsampler of the model's UNets and decoders in
+    one sampling step at a size x size latent under guidance (one latent, two contexts: with `fan_out`
+    the layers before the first cross-attention see batch 1, the others 2).
+
+    Found by running the (reference) modules once at the smallest latent they take and scaling the
+    recorded maps: every map of a fully convolutional network scales with its input.
+    """
+    from ..models.unet import BasicTransformerBlock, Upsample
+
     shapes = {}
-
-    def record(m, args):
-        shapes[id(m)] = tuple(args[0].shape)
-
     for top in model.modules():
-        if isinstance(top, FastUNet):
-            method, args = "fast_forward", [(1, top.in_channels, size, size), (1,), (2, 77, top.context_dim)]
+        if isinstance(top, UNetModel):
+            small = top.downsample_factor
+            p = next(top.parameters())
+            args = [torch.zeros(1, top.in_channels, small, small), torch.zeros(1), torch.zeros(1, 1, top.context_dim)]
             if top.num_classes is not None:
-                args.append((1, top.label_emb[0][0].in_features))
+                args.append(torch.zeros(1, top.label_emb[0][0].in_features))
+            batch = {"n": 1 if fan_out else 2}
+            fanned = [m.attn2 for m in top.modules() if isinstance(m, BasicTransformerBlock)] + [top.middle_block]
         elif isinstance(top, Decoder):
-            method, args = "forward", [(1, top.conv_in.in_channels, size, size)]
+            p = top.conv_in.weight
+            args = [torch.zeros(1, top.conv_in.in_channels, 1, 1)]
+            small = 1
+            batch, fanned = {"n": 1}, []
         elif isinstance(top, AutoencoderKL):
             shapes[id(top.post_quant_conv)] = (1, top.post_quant_conv.in_channels, size, size)
             continue
         else:
             continue
-        hooks = [m.register_forward_pre_hook(record) for m in top.modules() if isinstance(m, (nn.Conv2d, PhaseUpsample))]
-        call = _Call(top, method)
+        if p.device.type != "cpu" or p.dtype != torch.float32:
+            continue
+
+        def record(m, inputs, batch=batch, small=small):
+            _, c, h, w = inputs[0].shape
+            shapes[id(m)] = (batch["n"], c, h * size // small, w * size // small)
+
+        def fan(m, inputs, batch=batch):
+            batch["n"] = 2
+
+        hooks = [m.register_forward_pre_hook(record) for m in top.modules() if isinstance(m, (nn.Conv2d, Upsample))]
+        hooks += [m.register_forward_pre_hook(fan) for m in fanned]
         try:
-            state = {k: torch.empty_like(v, device="meta") for k, v in (*call.named_parameters(), *call.named_buffers())}
-            torch.func.functional_call(call, state, tuple(torch.empty(a, device="meta") for a in args))
+            top(*args)
         finally:
             for h in hooks:
                 h.remove()
-            for m in top.modules():
-                if isinstance(m, FastCrossAttention):
-                    m.clear_derived()  # keys and values of the meta run
     return shapes

@@ -9,38 +9,51 @@ import torch
 _MADV_DONTNEED = 4
 
 
-def _in_private_file_mapping(start, end):
-    """True when [start, end) lies inside one private mapping of a file (a memory-mapped checkpoint)."""
-    with open("/proc/self/maps") as f:
-        for line in f:
-            fields = line.split(maxsplit=5)
-            lo, hi = (int(v, 16) for v in fields[0].split("-"))
-            if lo <= start and end <= hi:
-                return fields[1].endswith("p") and len(fields) == 6 and fields[5].startswith("/")
-    return False
+def private_file_mappings():
+    """[(start, end)] of this process's private (copy-on-write) mappings of files, such as a memory-mapped checkpoint."""
+    spans = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if fields[1].endswith("p") and len(fields) == 6 and fields[5].startswith("/"):
+                    lo, hi = (int(v, 16) for v in fields[0].split("-"))
+                    spans.append((lo, hi))
+    except OSError:
+        pass
+    return spans
 
 
-def release_file_pages(t):
-    """Let go of the resident pages under tensor t when t is a view of a memory-mapped file that nobody wrote to.
+def release_file_pages(tensors, mappings=None):
+    """Let go of the resident pages under each tensor that is a view of a memory-mapped file nobody wrote to.
 
     The loader maps checkpoints privately (copy-on-write) and uses the weights in place, so once a
     weight has been packed its pages are a second copy held in the resident set for nothing. Pages
     still identical to the file are unmapped from this process (they stay in the page cache, and
-    are read back from it if the tensor is ever read again); if any page was written to in place,
-    nothing is released. Linux only; elsewhere, and for any other tensor, a no-op. Returns True
-    when pages were released.
+    are read back from it if the tensor is ever read again); if any page of a tensor was written to
+    in place, nothing of it is released. Linux only; elsewhere, and for any other tensor, a no-op.
+    `mappings`: `private_file_mappings()`, read once for many calls. Returns how many tensors had
+    pages released.
     """
-    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
-        return False
+    if not sys.platform.startswith("linux"):
+        return 0
+    if isinstance(tensors, torch.Tensor):
+        tensors = [tensors]
+    tensors = [t for t in tensors if t.device.type == "cpu" and t.numel()]
+    if not tensors:
+        return 0
+    mappings = private_file_mappings() if mappings is None else mappings
+    return sum(_release(t, mappings) for t in tensors)
+
+
+def _release(t, mappings):
     page = mmap.PAGESIZE
     begin = t.data_ptr()
     start = -(-begin // page) * page  # whole pages inside the tensor only
     end = (begin + t.numel() * t.element_size()) // page * page
-    if end <= start:
+    if end <= start or not any(lo <= start and end <= hi for lo, hi in mappings):
         return False
     try:
-        if not _in_private_file_mapping(start, end):
-            return False
         n = (end - start) // page
         with open("/proc/self/pagemap", "rb") as f:  # 64 bits per page: 63 present, 61 file page
             f.seek(start // page * 8)
