@@ -39,6 +39,7 @@ def test_cuda_graphs_run_eagerly_off_the_gpu():
     assert calls == ["cpu"] and run.captures == 0 and not run.graphs
 
 
+@pytest.mark.slow  # a minute of tracing
 @pytest.mark.parametrize("optimized", [False, True])
 def test_unet_traces_as_one_graph(optimized):
     """torch.compile sees the whole UNet step at once, reference or optimized: no graph breaks (the

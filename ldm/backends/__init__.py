@@ -53,12 +53,16 @@ def optimize(model: nn.Module, options: BackendOptions | None = None) -> nn.Modu
     """Swap the fused modules into `model` (a LatentDiffusion, a UNetModel, or any module tree made of
     ours) as `options` say, pack the convolution weights, and return the same model, changed in place.
 
-    An already optimized model is first turned back (`deoptimize`), so this also changes options.
+    An already optimized model is first turned back (`deoptimize`), so this also changes options; one
+    optimized with the same options is returned as it is.
     """
     options = options or BackendOptions()
-    if is_optimized(model):
-        deoptimize(model)
     onednn = options.onednn and kernels.onednn_available()
+    current = {m.backend for m in model.modules() if isinstance(m, Derived)}
+    if current == {options.replace(onednn=onednn)}:
+        return model
+    if current:
+        deoptimize(model)
     if options.onednn and not onednn:
         log.info("this torch has no oneDNN inference ops: the CPU kernels stay off")
     hints = {}

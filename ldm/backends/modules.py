@@ -58,7 +58,7 @@ class OneDNNLinear(Derived, nn.Linear):
     """nn.Linear through oneDNN's matmul; `forward(x, residual)` adds the residual in its epilogue."""
 
     def forward(self, x, residual=None):
-        if kernels.fast(x, self.weight):
+        if self.backend.onednn and kernels.fast(x, self.weight):
             return kernels.linear(x, self.weight, self.bias, residual)
         y = F.linear(x, self.weight, self.bias)
         return y if residual is None else y + residual
@@ -76,7 +76,7 @@ class PackedConv2d(Derived, nn.Conv2d):
     hint = None  # the input shape the packed weight is laid out for (set by optimize)
 
     def _plain_path(self, x):
-        return not (kernels.fast(x, self.weight) and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+        return not (self.backend.onednn and kernels.fast(x, self.weight) and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                     and x.dim() == 4)
 
     def weight_form(self, kind, input_shape=None):
@@ -200,7 +200,8 @@ class FastCrossAttention(Attention, Derived, CrossAttention):
 class FastGEGLU(Derived, GEGLU):
     def forward(self, x):
         proj = self.proj
-        if self.backend.epilogues and isinstance(proj, OneDNNLinear) and kernels.fast(x, proj.weight):
+        if (self.backend.epilogues and self.backend.onednn and isinstance(proj, OneDNNLinear)
+                and kernels.fast(x, proj.weight)):
             return kernels.geglu(x, proj.weight, proj.bias)
         return super().forward(x)
 
@@ -246,7 +247,8 @@ class PhaseUpsample(Derived, Upsample):
 
     def _applies(self, x):
         c = self.conv
-        return (self.backend.phase_upsample and isinstance(c, PackedConv2d) and kernels.fast(x, c.weight)
+        return (self.backend.phase_upsample and self.backend.onednn and isinstance(c, PackedConv2d)
+                and kernels.fast(x, c.weight)
                 and x.dim() == 4 and c.kernel_size == (3, 3) and c.stride == (1, 1) and c.padding == (1, 1)
                 and c.dilation == (1, 1) and c.groups == 1 and c.padding_mode == "zeros")
 
