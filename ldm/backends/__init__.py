@@ -143,15 +143,15 @@ def _input_shapes(model, size, fan_out):
     one sampling step at a size x size latent under guidance (one latent, two contexts: with `fan_out`
     the layers before the first cross-attention see batch 1, the others 2).
 
-    Found by running the (reference) modules once at the smallest latent they take and scaling the
-    recorded maps: every map of a fully convolutional network scales with its input.
+    Found by running the (reference) modules once on a small latent and scaling the recorded maps:
+    every map of a fully convolutional network scales with its input.
     """
     from ..models.unet import BasicTransformerBlock, Upsample
 
     shapes = {}
     for top in model.modules():
         if isinstance(top, UNetModel):
-            small = top.downsample_factor
+            small = 2 * top.downsample_factor  # 2x2 maps at the deepest level: GroupNorm needs 2 values a group
             p = next(top.parameters())
             args = [torch.zeros(1, top.in_channels, small, small), torch.zeros(1), torch.zeros(1, 1, top.context_dim)]
             if top.num_classes is not None:
@@ -160,8 +160,8 @@ def _input_shapes(model, size, fan_out):
             fanned = [m.attn2 for m in top.modules() if isinstance(m, BasicTransformerBlock)] + [top.middle_block]
         elif isinstance(top, Decoder):
             p = top.conv_in.weight
-            args = [torch.zeros(1, top.conv_in.in_channels, 1, 1)]
-            small = 1
+            small = 2
+            args = [torch.zeros(1, top.conv_in.in_channels, small, small)]
             batch, fanned = {"n": 1}, []
         elif isinstance(top, AutoencoderKL):
             shapes[id(top.post_quant_conv)] = (1, top.post_quant_conv.in_channels, size, size)
