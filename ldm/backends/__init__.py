@@ -29,7 +29,7 @@ from ..models.autoencoder import AutoencoderKL, Decoder
 from ..models.unet import UNetModel
 from . import kernels
 from .modules import COMPOSITE, LEAVES, Derived, FastCrossAttention, FastUNet, PackedConv2d, PhaseUpsample
-from .memory import release_file_pages
+from .memory import containing_mapping, private_file_mappings, release_file_pages
 from .options import BackendOptions
 
 __all__ = ["BackendOptions", "optimize", "deoptimize", "refresh", "fans_out", "is_optimized"]
@@ -37,7 +37,7 @@ __all__ = ["BackendOptions", "optimize", "deoptimize", "refresh", "fans_out", "i
 log = logging.getLogger(__name__)
 
 _REFERENCE = {fast: ref for ref, fast in {**COMPOSITE, **LEAVES}.items()}
-_ADDED = ("backend", "fused", "hint", "_form", "_kv", "_phases", "_runner")  # instance attributes optimize may add
+_ADDED = ("backend", "fused", "hint", "file_mapping", "_form", "_kv", "_phases", "_runner")  # instance attributes optimize may add
 
 
 def is_optimized(model: nn.Module) -> bool:
@@ -116,6 +116,7 @@ def _pack(model, hints):
     """Pack each conv weight (or its phase kernels) for its input shape: from `hints`, or for the shape
     it was packed for before (None); returns how many."""
     phase_only = _phase_convs(model)
+    mappings = private_file_mappings()  # read once: /proc/self/maps is long
     packed = []
     for m in model.modules():
         if isinstance(m, PhaseUpsample):
@@ -123,17 +124,15 @@ def _pack(model, hints):
                 continue
         elif not isinstance(m, PackedConv2d) or id(m) in phase_only:
             continue
+        weight = m.conv.weight if isinstance(m, PhaseUpsample) else m.weight
+        m.file_mapping = containing_mapping(weight, mappings)  # for packing later (a first use, another shape)
         hint = m.hint if hints is None else hints.get(id(m))
         if hint is None:
             continue
-        m.release_pages = False
-        try:
-            with torch.no_grad():
-                m.pack(hint)
-        finally:
-            del m.release_pages
-        packed.append(m.conv.weight if isinstance(m, PhaseUpsample) else m.weight)
-    release_file_pages(packed)  # the plain copies are not read again: no need to keep them resident
+        with torch.no_grad():
+            m.pack(hint)
+        packed.append(weight)
+    release_file_pages(packed, mappings)  # the plain copies are not read again: no need to keep them resident
     return len(packed)
 
 

@@ -46,6 +46,13 @@ def release_file_pages(tensors, mappings=None):
     return sum(_release(t, mappings) for t in tensors)
 
 
+def containing_mapping(t, mappings):
+    """[(start, end)] of the mapping in `mappings` that holds tensor t's data, or []."""
+    begin = t.data_ptr()
+    end = begin + t.numel() * t.element_size()
+    return [(lo, hi) for lo, hi in mappings if lo <= begin and end <= hi][:1]
+
+
 def _release(t, mappings):
     page = mmap.PAGESIZE
     begin = t.data_ptr()

@@ -34,7 +34,7 @@ class Derived:
     _derived = ()
     _transient = ()  # attributes that copies and pickles leave behind, but `.to()` keeps
     backend = None  # the BackendOptions, set by optimize
-    release_pages = True  # after packing a weight, release its file pages (optimize does it for all at once)
+    file_mapping = ()  # [(start, end)] of the file mapping under the weight, if any (found by optimize)
 
     def clear_derived(self):
         for name in self._derived:
@@ -93,8 +93,8 @@ class PackedConv2d(Derived, nn.Conv2d):
                 value = kernels.pack_conv_weight(self.weight, self.padding, self.stride, self.dilation, self.groups,
                                                  input_shape)
             self._form = (key, kind, value)
-            if self.release_pages:
-                release_file_pages(self.weight)  # the plain copy is not read again: no need to keep it resident
+            if self.file_mapping:  # the plain copy is not read again: no need to keep it resident
+                release_file_pages(self.weight, self.file_mapping)
         return self._form[2]
 
     def pack(self, input_shape):
@@ -266,8 +266,8 @@ class PhaseUpsample(Derived, Upsample):
             else:
                 value = [kernels.pack_conv_weight(w, (0, 0), (1, 1), (1, 1), 1, (N, C, H + 1, W + 1)) for w in weights]
             self._phases = (key, value)
-            if self.release_pages:
-                release_file_pages(self.conv.weight)
+            if self.file_mapping:
+                release_file_pages(self.conv.weight, self.file_mapping)
         return self._phases[1]
 
     def _gemm(self, shape):
