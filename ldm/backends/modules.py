@@ -76,8 +76,8 @@ class PackedConv2d(Derived, nn.Conv2d):
     hint = None  # the input shape the packed weight is laid out for (set by optimize)
 
     def _plain_path(self, x):
-        return not (self.backend.onednn and kernels.fast(x, self.weight) and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                    and x.dim() == 4)
+        return not (self.backend.onednn and kernels.fast(x, self.weight) and self.padding_mode == "zeros"
+                    and not isinstance(self.padding, str) and x.dim() == 4)
 
     def weight_form(self, kind, input_shape=None):
         """The weight as the call takes it: "packed" (oneDNN's layout for inputs of `input_shape`) or
