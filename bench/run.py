@@ -395,7 +395,7 @@ def hires(args):
     lat = 1024 // 8
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, lat, lat, generator=g).to(args.device, model.dtype)  # fanned out to the 2 contexts
-    c = torch.randn(2, 77, 768, generator=g).to(args.device, model.dtype)
+    c = torch.randn(2, 77, model.model.diffusion_model.context_dim, generator=g).to(args.device, model.dtype)
     t = torch.full((1,), 500.0, device=args.device)
     out = {"side": "hires"}
     with torch.no_grad():
