@@ -374,7 +374,8 @@ def _run(args, given) -> int:
     t0 = time.perf_counter()
     pipe = Txt2Img.from_files(config, ckpt, device=device, precision=args.precision, use_ema=args.use_ema,
                               safety_checker=checker, nsfw=args.nsfw,
-                              backend=BackendOptions.from_env(cuda_graphs=args.cuda_graphs, compile=args.compile))
+                              backend=BackendOptions.from_env(cuda_graphs=args.cuda_graphs, compile=args.compile,
+                                                              prepack_latent_size=opts.latent_shape()[1:]))
     opts.validate(pipe.model)
     if checker_note:
         notice(checker_note)

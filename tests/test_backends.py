@@ -324,3 +324,17 @@ def test_packing_releases_the_file_pages_of_a_loaded_model(tmp_path):
     with torch.no_grad():
         x = torch.randn(1, 128, 8, 8)
         assert rel_err(conv(x), torch.nn.functional.conv2d(x.double(), want.double(), conv.bias.double(), padding=1)) < 1e-5
+
+
+@needs_onednn
+def test_packing_for_another_latent_size():
+    """Packed for a (height, width) given up front; a size the UNet cannot take leaves packing to the first call."""
+    model = optimize(_tiny(), BackendOptions(prepack_latent_size=(32, 16)))
+    conv_in = model.model.diffusion_model.input_blocks[0][0]
+    assert conv_in.hint == (1, 4, 32, 16) and conv_in._form[0][2] == (1, 4, 32, 16)
+    assert model.first_stage_model.decoder.conv_in.hint == (1, 4, 32, 16)
+    odd = optimize(_tiny(), BackendOptions(prepack_latent_size=12))  # not a multiple of 8
+    assert "_form" not in odd.model.diffusion_model.input_blocks[0][0].__dict__
+    x, t, c, *_ = _inputs(latent=8)
+    with torch.no_grad():
+        assert odd.apply_model(x, t, c).shape == (4, 4, 8, 8)

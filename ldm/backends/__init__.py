@@ -139,7 +139,7 @@ def _pack(model, hints):
 @torch.no_grad()
 def _input_shapes(model, size, fan_out):
     """{id(module): input shape} of every conv and UNet upsampler of the model's UNets and decoders in
-    one sampling step at a size x size latent under guidance (one latent, two contexts: with `fan_out`
+    one sampling step at a latent of `size` (an int, or (height, width)) under guidance (one latent, two contexts: with `fan_out`
     the layers before the first cross-attention see batch 1, the others 2).
 
     Found by running the (reference) modules once on a small latent and scaling the recorded maps:
@@ -147,9 +147,14 @@ def _input_shapes(model, size, fan_out):
     """
     from ..models.unet import BasicTransformerBlock, Upsample
 
+    sh, sw = (size, size) if isinstance(size, int) else size
     shapes = {}
     for top in model.modules():
+        if sh <= 0 or sw <= 0:
+            break
         if isinstance(top, UNetModel):
+            if sh % top.downsample_factor or sw % top.downsample_factor:
+                continue  # a size this UNet cannot take: its weights are packed at their first call
             small = 2 * top.downsample_factor  # 2x2 maps at the deepest level: GroupNorm needs 2 values a group
             p = next(top.parameters())
             args = [torch.zeros(1, top.in_channels, small, small), torch.zeros(1), torch.zeros(1, 1, top.context_dim)]
@@ -163,7 +168,7 @@ def _input_shapes(model, size, fan_out):
             args = [torch.zeros(1, top.conv_in.in_channels, small, small)]
             batch, fanned = {"n": 1}, []
         elif isinstance(top, AutoencoderKL):
-            shapes[id(top.post_quant_conv)] = (1, top.post_quant_conv.in_channels, size, size)
+            shapes[id(top.post_quant_conv)] = (1, top.post_quant_conv.in_channels, sh, sw)
             continue
         else:
             continue
@@ -172,7 +177,7 @@ def _input_shapes(model, size, fan_out):
 
         def record(m, inputs, batch=batch, small=small):
             _, c, h, w = inputs[0].shape
-            shapes[id(m)] = (batch["n"], c, h * size // small, w * size // small)
+            shapes[id(m)] = (batch["n"], c, h * sh // small, w * sw // small)
 
         def fan(m, inputs, batch=batch):
             batch["n"] = 2

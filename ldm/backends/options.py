@@ -28,9 +28,10 @@ class BackendOptions:
       small map, one per output phase: 4/9 of the FLOPs, no upsampled copy. (Not in the VAE decoder,
       whose large maps measured slower with it.)
     - `tiny_conv_gemm`: a convolution with at most 64 output positions (batch included) as one matmul.
-    - `prepack_latent_size`: the latent side (64: a 512x512 image) whose layer shapes the packed conv
-      weights are laid out for, at optimize time; any other size runs with them too. None: pack each
-      weight at its first call instead (the first step then pays for it).
+    - `prepack_latent_size`: the latent size, a side or (height, width) (64: a 512x512 image), whose layer
+      shapes the conv weights are packed for at optimize time. oneDNN's layout depends on the input
+      shape, so a call at another size re-packs a weight once (the first step at that size pays for
+      it). None: pack each weight at its first call instead.
 
     Any device:
 
@@ -54,7 +55,7 @@ class BackendOptions:
     blocked_attention: bool = True
     phase_upsample: bool = True
     tiny_conv_gemm: bool = True
-    prepack_latent_size: int | None = 64
+    prepack_latent_size: int | tuple[int, int] | None = 64
     fan_out: bool = True
     kv_reuse: bool = True
     fp32_attention: bool = True
