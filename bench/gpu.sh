@@ -31,7 +31,8 @@ fi
   python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/bench.log"
 
-step tests 200 python3 -m pytest -q -rs tests/test_accel.py tests/test_samplers.py::test_same_seed_same_noise_on_another_device \
+step tests 200 python3 -m pytest -q -rs tests/test_accel.py tests/test_backends.py::test_fp32_attention_on_cuda_half \
+  tests/test_samplers.py::test_same_seed_same_noise_on_another_device \
   tests/test_cli_images.py::test_device_and_precision_choices 2>&1 | tee "$OUT/pytest.log" | tail -25
 
 for precision in autocast half; do

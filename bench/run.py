@@ -123,10 +123,10 @@ def gemm_tflops(device, dtype, repeats=5):
         bt = b.t().contiguous()
         kernels = {"torch.mm": lambda: torch.mm(a, b)}
         if kind == "cpu":
-            from ldm.models import layers
+            from ldm.backends.kernels import onednn_available
 
             kernels = {"torch.mm (MKL)": kernels["torch.mm"]}
-            if layers._onednn_available():
+            if onednn_available():
                 kernels["oneDNN matmul"] = lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], "")
         with torch.inference_mode():
             times = interleaved(kernels, repeats, device)
@@ -142,10 +142,13 @@ def unet_flops(config, size, ours=False):
     convolution done as four 2x2 convolutions on the small map (4/9 of its FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from ldm.backends import BackendOptions, optimize
     from ldm.checkpoint import build_model
     from ldm.models.unet import Upsample
 
     unet = build_model(config, "meta").model.diffusion_model
+    if ours:
+        optimize(unet, BackendOptions(onednn=False))  # the fan-out; FLOPs are the same whatever the kernels
     upsampling = []
     for m in unet.modules():
         if isinstance(m, Upsample):
@@ -251,11 +254,11 @@ def compile_diffusers(unet):
     return unet
 
 
-def ours_unet_fn(model, cuda_graphs):
-    """Our UNet call as the pipeline makes it with `cuda_graphs` (replayed from CUDA graphs on a GPU)."""
-    from ldm.accel import CUDAGraphs
+def optimized(model, args):
+    """Our model through the backend pass as the pipeline makes it (`cuda_graphs`, `compile` as asked)."""
+    from ldm.backends import BackendOptions, optimize
 
-    return CUDAGraphs(model.apply_model) if cuda_graphs else model.apply_model
+    return optimize(model, BackendOptions(cuda_graphs=args.cuda_graphs, compile=args.compile))
 
 
 def other_graphs(args):
@@ -263,9 +266,36 @@ def other_graphs(args):
     return "ours, no CUDA graphs" if args.cuda_graphs else "ours, CUDA graphs"
 
 
+def variant(model, fn, **changes):
+    """fn run with the optimized model's BackendOptions changed for the call (the levers are read at
+    call time; no re-packing). The UNet's step (eager, compiled, CUDA-graphed) is made once for the
+    variant and kept with it: a CUDA graph captures the levers as they are while it is captured."""
+    mods = [m for m in model.modules() if getattr(m, "backend", None) is not None]
+    step = {}
+
+    def run(*a, **k):
+        saved = [(m, m.backend, m.__dict__.pop("_runner", None)) for m in mods]
+        try:
+            for m in mods:
+                m.backend = m.backend.replace(**changes)
+                if "runner" in step and hasattr(m, "fast_forward"):
+                    m._runner = step["runner"]
+            out = fn(*a, **k)
+            step.update(runner=next((m.__dict__.get("_runner") for m in mods if hasattr(m, "fast_forward")), None))
+            return out
+        finally:
+            for m, backend, runner in saved:
+                m.backend = backend
+                m.__dict__.pop("_runner", None)
+                if runner is not None:
+                    m._runner = runner
+
+    return run
+
+
 def setting(owner, name, value):
-    """fn -> fn run with owner.name = value for the call (for a CUDA-graphed fn: while it is captured,
-    which is when the setting is read, not when the graph is replayed)."""
+    """fn -> fn run with torch's own switch owner.name = value for the call (for a CUDA-graphed fn:
+    while it is captured, which is when the setting is read, not when the graph is replayed)."""
     def wrap(fn):
         def run(*a):
             before = getattr(owner, name)
@@ -285,20 +315,23 @@ def gpu_levers(model, x, t, c):
     Returns ({name: step fn}, {name: max |variant - ours| / max |ours|})."""
     import copy
 
-    from ldm.accel import CUDAGraphs
-    from ldm.models.unet import GroupNorm32
+    from ldm.backends.cuda import CUDAGraphs
 
-    unet_cl = copy.deepcopy(model.model.diffusion_model).to(memory_format=torch.channels_last)
+    unet = model.model.diffusion_model
+    unet_cl = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+    benchmarked = setting(torch.backends.cudnn, "benchmark", True)
 
-    no_upcast, benchmarked = setting(GroupNorm32, "upcast", False), setting(torch.backends.cudnn, "benchmark", True)
+    def no_upcast(fn, m=unet):
+        return variant(m, fn, half_groupnorm=True, cuda_graphs=False)
 
     def channels_last(x, t, c):
-        return unet_cl(x.contiguous(memory_format=torch.channels_last), t, c)
+        return unet_cl.fast_forward(x.contiguous(memory_format=torch.channels_last), t, c)
 
-    variants = {"ours, GroupNorm in float16": CUDAGraphs(no_upcast(model.apply_model)),
+    variants = {"ours, GroupNorm in float16": CUDAGraphs(no_upcast(unet.fast_forward)),
+                "ours, float16 attention": CUDAGraphs(variant(unet, unet.fast_forward, fp32_attention=False)),
                 "ours, channels_last": CUDAGraphs(channels_last),
-                "ours, cudnn.benchmark": CUDAGraphs(benchmarked(model.apply_model)),
-                "ours, all three": CUDAGraphs(benchmarked(no_upcast(channels_last)))}
+                "ours, cudnn.benchmark": CUDAGraphs(benchmarked(unet.fast_forward)),
+                "ours, all three": CUDAGraphs(benchmarked(no_upcast(channels_last, unet_cl)))}
     ref = model.apply_model(x, t, c).double()
     errs = {name: ((fn(x, t, c).double() - ref).abs().max() / ref.abs().max()).item() for name, fn in variants.items()}
     return {name: (lambda fn=fn: fn(x, t, c)) for name, fn in variants.items()}, errs
@@ -358,11 +391,11 @@ def hires(args):
     from ldm.checkpoint import load_model
 
     torch.set_num_threads(args.threads)
-    model = load_model(args.config, args.ckpt, args.device, getattr(torch, args.dtype))
+    model = optimized(load_model(args.config, args.ckpt, args.device, getattr(torch, args.dtype)), args)
     lat = 1024 // 8
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, lat, lat, generator=g).to(args.device, model.dtype)  # fanned out to the 2 contexts
-    c = torch.randn(2, 77, 768, generator=g).to(args.device, model.dtype)
+    c = torch.randn(2, 77, model.model.diffusion_model.context_dim, generator=g).to(args.device, model.dtype)
     t = torch.full((1,), 500.0, device=args.device)
     out = {"side": "hires"}
     with torch.no_grad():
@@ -443,17 +476,13 @@ def run(args, log):
 
     # 2. per-step and decode, interleaved, in this process (diffusers holds our very weight tensors)
     from ldm.checkpoint import load_model
-    from ldm.models import layers
 
     model = load_model(args.config, args.ckpt, device, dtype)
     unet_d, vae_d = (None, None) if args.skip_diffusers else diffusers_sharing(model, args.config)
-    if args.compile:
-        from ldm.accel import compile_unet
-
-        compile_unet(model.model.diffusion_model)
-        if unet_d is not None:
-            compile_diffusers(unet_d)
-    ours_fn = ours_unet_fn(model, args.cuda_graphs)
+    optimized(model, args)
+    if args.compile and unet_d is not None:
+        compile_diffusers(unet_d)
+    ours_fn = model.apply_model
     g = torch.Generator().manual_seed(0)
     res["step_s"], res["decode_s"] = {}, {}
     with torch.no_grad():  # as the pipeline samples: a text context is the same tensor at every step
@@ -469,11 +498,13 @@ def run(args, log):
             if unet_d is not None:
                 fns["diffusers"] = lambda: unet_d(x, t, encoder_hidden_states=c).sample
             if device.type == "cuda":
-                fns[other_graphs(args)] = (lambda fn=ours_unet_fn(model, not args.cuda_graphs): fn(x1, t1, c))
+                other = variant(model, model.apply_model, cuda_graphs=not args.cuda_graphs)
+                fns[other_graphs(args)] = lambda fn=other: fn(x1, t1, c)
             if args.levers and device.type == "cpu":
-                fns["ours, oneDNN off"] = lambda: layers_off(layers, model.apply_model, x1, t1, c)
-                unfused = setting(layers, "FUSED_ATTENTION", False)(model.apply_model)
-                fns["ours, fused attention off"] = lambda fn=unfused: fn(x1, t1, c)
+                for name, lever in (("oneDNN", "onednn"), ("fused attention", "fused_attention"),
+                                    ("epilogues", "epilogues"), ("phase upsampling", "phase_upsample"),
+                                    ("tiny convs as matmuls", "tiny_conv_gemm"), ("key/value reuse", "kv_reuse")):
+                    fns[f"ours, {name} off"] = lambda fn=variant(model, model.apply_model, **{lever: False}): fn(x1, t1, c)
                 fns["ours, latent repeated"] = lambda: model.apply_model(x, t, c)
             if args.levers and device.type == "cuda":
                 levers, errs = gpu_levers(model, x1, t1, c)
@@ -489,7 +520,7 @@ def run(args, log):
             if vae_d is not None:
                 fns["diffusers"] = lambda: vae_d.decode(z / vae_d.config.scaling_factor).sample
             if args.levers and device.type == "cpu":
-                fns["ours, oneDNN off"] = lambda: layers_off(layers, model.decode_first_stage, z)
+                fns["ours, oneDNN off"] = lambda fn=variant(model, model.decode_first_stage, onednn=False): fn(z)
             log(f"VAE decode, {size}x{size} ...")
             res["decode_s"][str(size)] = interleaved(fns, repeats, device, log)
     if not args.skip_e2e:  # end to end, interleaved: both pipelines on the weights already in memory
@@ -499,10 +530,11 @@ def run(args, log):
         from ldm.pipeline import Txt2Img
 
         precision = "full" if dtype == torch.float32 else "half"
-        fns = {"ours": ours_image_fn(Txt2Img(model, device, precision, cuda_graphs=args.cuda_graphs), args)}
+        pipe = Txt2Img(model, device, precision)  # optimized already
+        fns = {"ours": ours_image_fn(pipe, args)}
         if device.type == "cuda":
-            fns[other_graphs(args)] = ours_image_fn(Txt2Img(model, device, precision, cuda_graphs=not args.cuda_graphs),
-                                                    args)
+            image = ours_image_fn(pipe, args)
+            fns[other_graphs(args)] = variant(model, image, cuda_graphs=not args.cuda_graphs)
         text_d = None
         if unet_d is not None:
             text_d = create_diffusers_clip_model_from_ldm(CLIPTextModel, model.state_dict(), config=str(clip_config_dir()),
@@ -530,11 +562,6 @@ def run(args, log):
     res["load_avg_end"] = os.getloadavg()
     res["nice_end"] = os.nice(0)  # a long job may have been reniced by the machine's scheduler meanwhile
     return res
-
-
-def layers_off(layers, fn, *a):
-    with layers.onednn(False):
-        return fn(*a)
 
 
 # ----------------------------------------------------------------------------- the table

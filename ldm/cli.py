@@ -472,9 +472,13 @@ def _load(args, explicit, config, ckpt, opts, world, png_meta):
         checker = SafetyChecker.load(args.safety_checker, device)
 
     t0 = time.perf_counter()
+    from .backends import BackendOptions
+
+    backend = BackendOptions.from_env(cuda_graphs=args.cuda_graphs, compile=args.compile,
+                                      prepack_latent_size=opts.latent_shape()[1:])
     pipe = pipeline.Txt2Img.from_files(config, ckpt, device=device, precision=args.precision, use_ema=args.use_ema,
-                                       safety_checker=checker, nsfw=args.nsfw, cuda_graphs=args.cuda_graphs,
-                                       compile=args.compile, parameterization=args.parameterization)
+                                       safety_checker=checker, nsfw=args.nsfw, backend=backend,
+                                       parameterization=args.parameterization)
     if pipe.detection is not None:
         notice(pipe.detection.message)
     for name in args.auto_size:

@@ -38,7 +38,7 @@ from PIL import Image
 
 from . import checks, detect
 from . import images as imagelib
-from .accel import CUDAGraphs, compile_unet
+from .backends import BackendOptions, fans_out, optimize
 from .checkpoint import CheckpointError, load_model
 from .config import load_config
 from .defaults import DEFAULT_CKPT, DEFAULT_CONFIG, DEFAULT_PROMPT
@@ -186,9 +186,14 @@ class Txt2Img:
     model it was handed (that would change the caller's object, or double its memory as a copy);
     a mismatch is a ValueError saying what to do.
 
-    `cuda_graphs=True` replays the UNet from CUDA graphs on CUDA (`ldm.accel.CUDAGraphs`, one
-    capture per input shape); `compile=True` puts it through torch.compile. Both are opt-in until a
+    `backend` (an `ldm.backends.BackendOptions`) puts the model through `ldm.backends.optimize`, the
+    one change ever made to a model handed in (it swaps fused modules in, keeps every parameter, and
+    `ldm.backends.deoptimize` reverses it); without it the model runs as it is, reference or already
+    optimized. `from_files` always passes one (default `BackendOptions()`; the command line
+    `BackendOptions.from_env()`), with `cuda_graphs=True` (replay the UNet from CUDA graphs on CUDA,
+    one capture per input shape) and `compile=True` (torch.compile) folded in: both opt-in until a
     GPU benchmark shows they pay (see bench/README.md).
+
 
     `safety_checker` (an `ldm.safety.SafetyChecker`, or None for none) checks every image; a
     flagged one is replaced as `nsfw` says ("black" or "blur") and marked in its Result. The
@@ -199,7 +204,7 @@ class Txt2Img:
     PROMPT_CACHE = 64  # distinct prompt texts whose tokens / embeddings are kept
 
     def __init__(self, model, device="cpu", precision="autocast", model_name="model", model_hash=None,
-                 safety_checker=None, nsfw="black", cuda_graphs=False, compile=False):
+                 safety_checker=None, nsfw="black", backend=None):
         self.device = torch.device(device)
         self.dtype, self.autocast, notice = resolve_precision(self.device, precision)
         if notice:
@@ -210,11 +215,8 @@ class Txt2Img:
                 f"the model is on {model_device} in {model_dtype}; precision {precision!r} on {self.device} needs "
                 f"{self.dtype} weights there: load it with Txt2Img.from_files, or ldm.checkpoint.load_model(config, "
                 f"ckpt, device={str(self.device)!r}, dtype={self.dtype})")
-        self.model = model
-        if compile:
-            compile_unet(self.model.model.diffusion_model)
-        # The denoiser as the samplers call it (replayed from CUDA graphs when asked; a no-op off CUDA).
-        self.unet = CUDAGraphs(self.model.apply_model) if cuda_graphs else self.model.apply_model
+        self.model = optimize(model, backend) if backend is not None else model
+        self.unet = self.model.apply_model  # the denoiser as the samplers call it
         self.model_name = model_name
         self.model_hash = model_hash
         self.safety_checker = safety_checker
@@ -225,7 +227,8 @@ class Txt2Img:
 
     @classmethod
     def from_files(cls, config=None, ckpt=DEFAULT_CKPT, device=None, precision="autocast", use_ema=False,
-                   hash_model=True, parameterization=None, **kwargs) -> Txt2Img:
+                   hash_model=True, parameterization=None, backend=None, cuda_graphs=False, compile=False,
+                   **kwargs) -> Txt2Img:
         """Load the model of `config` with the weights of `ckpt` (local files only, nothing downloaded)
         on `device` (default: the best available) in the weight dtype of `precision`.
 
@@ -249,7 +252,9 @@ class Txt2Img:
         model = load_model(config_dict, ckpt, device=device, dtype=dtype, use_ema=use_ema)
         log.info("loaded %s in %.1f s", ckpt, time.perf_counter() - t0)
         model_hash = checkpoint_hash(ckpt) if hash_model else None
-        pipe = cls(model, device, precision, model_name=ckpt.stem, model_hash=model_hash, **kwargs)
+        backend = backend or BackendOptions()
+        backend = backend.replace(cuda_graphs=backend.cuda_graphs or cuda_graphs, compile=backend.compile or compile)
+        pipe = cls(model, device, precision, model_name=ckpt.stem, model_hash=model_hash, backend=backend, **kwargs)
         with pipe._autocast():
             pipe.detection = detect.resolve_parameterization(pipe.model, detection, parameterization)
         if pipe.detection is not None:
@@ -323,7 +328,8 @@ class Txt2Img:
     def guided_denoiser(self, items: list[WorkItem], opts: Options):
         """The classifier-free guided noise prediction for these items, sampled together."""
         conds, unconds = zip(*(self.conditioning(item.prompt, item.negative_prompt, opts.emphasis) for item in items))
-        return cfg_denoiser(self._eps_model, torch.cat(conds), torch.cat(unconds), opts.scale, fans_out=True)
+        return cfg_denoiser(self._eps_model, torch.cat(conds), torch.cat(unconds), opts.scale,
+                            fans_out=fans_out(self.model))
 
     def start_noise(self, items: list[WorkItem], opts: Options) -> torch.Tensor:
         """x_T of these items, [len(items), C, h, w] on the device: each from its own seed."""

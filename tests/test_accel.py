@@ -1,5 +1,5 @@
-"""ldm.accel and the GPU paths: CUDA graphs, torch.compile, float16 against diffusers, the pipeline on
-CUDA, and the float16 decode guard.
+"""ldm.backends.cuda and the GPU paths: CUDA graphs, torch.compile, float16 against diffusers, the pipeline
+on CUDA, and the float16 decode guard.
 
 The CUDA tests are skipped on a machine without a GPU (CI has none); `bench/gpu.sh` runs them on one.
 The fallbacks they rely on, torch.compile and the decode guard are tested on the CPU.
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from helpers import V1_CONFIG, randomize_, rel_err, tiny_config, write_tiny_model
-from ldm import accel
-from ldm.accel import CUDAGraphs, compile_unet
+from ldm.backends import BackendOptions, optimize
+from ldm.backends import cuda as accel
+from ldm.backends.cuda import CUDAGraphs
 from ldm.checkpoint import build_model
 from ldm.config import model_config
-from ldm.models.unet import GroupNorm32
 from ldm.pipeline import Txt2Img
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -39,20 +39,23 @@ def test_cuda_graphs_run_eagerly_off_the_gpu():
     assert calls == ["cpu"] and run.captures == 0 and not run.graphs
 
 
-def test_unet_traces_as_one_graph():
-    """torch.compile sees the whole UNet at once: no graph breaks (the oneDNN paths and the key/value
-    cache step aside while tracing)."""
+@pytest.mark.slow  # a minute of tracing
+@pytest.mark.parametrize("optimized", [False, True])
+def test_unet_traces_as_one_graph(optimized):
+    """torch.compile sees the whole UNet step at once, reference or optimized: no graph breaks (the
+    oneDNN paths and the key/value cache step aside while tracing)."""
     unet = _tiny_model().model.diffusion_model
-    x, t, c = torch.randn(2, 4, 16, 16), torch.tensor([5.0, 600.0]), torch.randn(2, 77, 64)
+    step = optimize(unet).fast_forward if optimized else unet
+    x, t, c = torch.randn(1, 4, 16, 16), torch.tensor([5.0]), torch.randn(1 + optimized, 77, 64)
     with torch.no_grad():
-        explained = torch._dynamo.explain(unet)(x, t, c)
+        explained = torch._dynamo.explain(step)(x, t, c)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons[:1]
 
 
 @pytest.mark.slow
 def test_compiled_unet_matches_eager():
     eager, compiled = _tiny_model(), _tiny_model()  # the same seed: the same weights
-    compile_unet(compiled.model.diffusion_model)
+    optimize(compiled, BackendOptions(compile=True))
     g = torch.Generator().manual_seed(0)
     x, c = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 64, generator=g)
     t = torch.tensor([700.0, 3.0])
@@ -71,21 +74,21 @@ def test_a_failed_compile_falls_back_to_eager(monkeypatch, caplog):
         return run
 
     monkeypatch.setattr(accel.torch, "compile", broken_compile)
-    model = _tiny_model()
+    model = optimize(_tiny_model())
     x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([10.0]), torch.randn(1, 77, 64)
     with torch.no_grad():
         want = model.apply_model(x, t, c)
-        unet = compile_unet(model.model.diffusion_model)
-        with caplog.at_level(logging.WARNING, logger="ldm.accel"):
+        optimize(model, BackendOptions(compile=True))
+        with caplog.at_level(logging.WARNING, logger="ldm.backends.cuda"):
             got = [model.apply_model(x, t, c), model.apply_model(x, t, c)]
     assert caplog.text.count("torch.compile failed") == 1
     assert torch.equal(got[0], want) and torch.equal(got[1], want)
-    assert unet.forward.__func__ is type(unet).forward  # back to the plain forward
+    assert model.model.diffusion_model._runner.failed()  # running eagerly from then on
 
 
 def test_model_errors_are_not_taken_for_compile_errors(monkeypatch):
     monkeypatch.setattr(accel.torch, "compile", lambda fn, **kwargs: fn)
-    unet = compile_unet(_tiny_model().model.diffusion_model)
+    unet = optimize(_tiny_model().model.diffusion_model, BackendOptions(compile=True))
     with torch.no_grad(), pytest.raises(RuntimeError):
         unet(torch.randn(1, 3, 8, 8), torch.tensor([1.0]), torch.randn(1, 77, 64))  # 3 channels, not 4
 
@@ -117,7 +120,7 @@ def test_half_precision_decode_falls_back_to_float32_on_overflow(tmp_path, caplo
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_graphs_match_eager(dtype):
     model = _tiny_model("cuda", dtype)
-    run = CUDAGraphs(model.apply_model)
+    run = CUDAGraphs(model.apply_model)  # any fn(*tensors) -> tensor
     g = torch.Generator("cuda").manual_seed(0)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
 
@@ -166,11 +169,12 @@ def test_pipeline_on_cuda_same_images_with_and_without_graphs(tmp_path):
     images = {}
     for graphs in (True, False):
         pipe = Txt2Img.from_files(config, ckpt, device="cuda", precision="half", hash_model=False, cuda_graphs=graphs)
-        assert isinstance(pipe.unet, CUDAGraphs) == graphs
         res = pipe("a red circle", steps=6, H=64, W=64, n_samples=2, n_iter=1, seed=5, sampler="plms")
         images[graphs] = [torch.tensor(list(r.image.getdata()), dtype=torch.int16) for r in res]
+        runner = pipe.model.model.diffusion_model._runner
+        assert isinstance(runner, CUDAGraphs) == graphs
         if graphs:
-            assert pipe.unet.captures == 1  # both images, every step: one graph
+            assert runner.captures == 1  # both images, every step: one graph
     for a, b in zip(images[True], images[False]):
         assert (a - b).abs().max() <= 1
     assert not torch.equal(images[True][0], images[True][1])
@@ -198,21 +202,21 @@ def test_full_v1_float16_on_cuda_as_accurate_as_diffusers():
         vae_d.to("cuda", torch.float16)
         xh, th, ch, zh = x.cuda().half(), t.cuda(), c.cuda().half(), z.cuda().half()
         eps_ours = ours.apply_model(xh, th, ch).float().cpu()
-        eps_graph = CUDAGraphs(ours.apply_model)(xh, th, ch).float().cpu()
         eps_d = unet_d(xh, th, encoder_hidden_states=ch).sample.float().cpu()
         img_ours = ours.first_stage_model.decode(zh).float().cpu()
         img_d = vae_d.decode(zh).sample.float().cpu()
-        GroupNorm32.upcast = False  # the GPU levers the benchmark weighs: float16 GroupNorm, channels_last
-        try:
-            eps_no_upcast = ours.apply_model(xh, th, ch).float().cpu()
-        finally:
-            GroupNorm32.upcast = True
+        optimize(ours, BackendOptions(cuda_graphs=True))
+        eps_graph = ours.apply_model(xh, th, ch).float().cpu()
+        optimize(ours, BackendOptions(half_groupnorm=True))  # the GPU levers the benchmark weighs
+        eps_no_upcast = ours.apply_model(xh, th, ch).float().cpu()
+        optimize(ours, BackendOptions(fp32_attention=False))
+        eps_half_attention = ours.apply_model(xh, th, ch).float().cpu()
         unet = ours.model.diffusion_model.to(memory_format=torch.channels_last)
         eps_cl = unet(xh.contiguous(memory_format=torch.channels_last), th, ch).float().cpu()
     err_ours, err_d = rel_err(eps_ours, eps_ref), rel_err(eps_d, eps_ref)
     assert err_ours < 1e-2 and err_ours <= 1.5 * err_d + 1e-4, (err_ours, err_d)
     assert rel_err(eps_graph, eps_ours) < 1e-3
-    for eps in (eps_no_upcast, eps_cl):
+    for eps in (eps_no_upcast, eps_half_attention, eps_cl):
         assert rel_err(eps, eps_ref) <= 1.5 * err_d + 1e-4, (rel_err(eps, eps_ref), err_d)
     err_ours, err_d = rel_err(img_ours, img_ref), rel_err(img_d, img_ref)
     assert err_ours < 1e-2 and err_ours <= 1.5 * err_d + 1e-4, (err_ours, err_d)

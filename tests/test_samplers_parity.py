@@ -93,11 +93,11 @@ def tiny_net_eps_model():
 def reduced_unet_eps_model():
     """Our real UNet class at reduced width and depth, random weights, context 8."""
     from helpers import randomize_, tiny_config
-    from ldm.models.unet import UNetModel
+    from ldm.config import instantiate
 
-    params = dict(tiny_config()["model"]["params"]["unet_config"]["params"], context_dim=8, num_res_blocks=1,
-                  channel_mult=[1, 2], attention_resolutions=[1, 2])
-    net = randomize_(UNetModel(**params), seed=5).eval().requires_grad_(False)
+    node = tiny_config()["model"]["params"]["unet_config"]
+    node["params"].update(context_dim=8, num_res_blocks=1, channel_mult=[1, 2], attention_resolutions=[1, 2])
+    net = randomize_(instantiate(node), seed=5).eval().requires_grad_(False)
     return lambda x, t, c: net(x.float(), t.float(), c.float()).double()  # float32 convs are much faster
 
 

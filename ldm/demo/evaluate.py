@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .. import backends
 from ..samplers import cfg_denoiser, get_sampler, sample
 from . import shapes
 
@@ -47,7 +48,7 @@ def generate(model, prompts, sampler, steps, scale, seed=0, batch_size=32):
     out = []
     for i in range(0, len(prompts), batch_size):
         cond = model.get_learned_conditioning(list(prompts[i : i + batch_size]))
-        eps_fn = cfg_denoiser(model.apply_model, cond, uncond, scale, fans_out=True)
+        eps_fn = cfg_denoiser(model.apply_model, cond, uncond, scale, fans_out=backends.fans_out(model))
         generator = torch.Generator("cpu").manual_seed(seed + i)  # only stochastic samplers draw from it
         z = sample(sampler, eps_fn, x_all[i : i + batch_size], model.alphas_cumprod, steps, generator=generator)
         out.append(shapes.to_uint8(model.decode_first_stage(z)))

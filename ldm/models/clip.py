@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Linear
 from .tokenizer import load_tokenizer
 
 CLIP_VIT_L14 = "openai/clip-vit-large-patch14"
@@ -25,10 +24,10 @@ class CLIPAttention(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
         self.heads = heads
-        self.q_proj = Linear(width, width)
-        self.k_proj = Linear(width, width)
-        self.v_proj = Linear(width, width)
-        self.out_proj = Linear(width, width)
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -41,8 +40,8 @@ class CLIPMLP(nn.Module):
     def __init__(self, width, hidden, act):
         super().__init__()
         self.act = act
-        self.fc1 = Linear(width, hidden)
-        self.fc2 = Linear(hidden, width)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -111,16 +110,11 @@ class FrozenCLIPEmbedder(nn.Module):
     bundled demo model does) while keeping the real CLIP tokenizer.
     """
 
-    def __init__(self, version=CLIP_VIT_L14, device=None, max_length=77, freeze=True, layer="last",
-                 vocab_size=49408, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                 intermediate_size=3072, hidden_act="quick_gelu"):
+    def __init__(self, version=CLIP_VIT_L14, max_length=77, vocab_size=49408, hidden_size=768, num_hidden_layers=12,
+                 num_attention_heads=12, intermediate_size=3072, hidden_act="quick_gelu"):
         super().__init__()
-        if layer != "last":
-            raise ValueError(f"FrozenCLIPEmbedder: layer={layer!r} is not supported (SD v1 uses 'last')")
         if hidden_act not in ACTIVATIONS:
             raise ValueError(f"FrozenCLIPEmbedder: hidden_act must be one of {sorted(ACTIVATIONS)}")
-        # `device` and `freeze` are the original's run-time switches: placement is the caller's,
-        # and inference never trains.
         self.version = version
         self.max_length = max_length
         self.hidden_size = hidden_size

@@ -10,12 +10,10 @@ import logging
 import torch
 from torch import nn
 
+from ..config import instantiate
 from ..samplers.schedule import schedule_buffers
 
 log = logging.getLogger(__name__)
-
-# Latent pixels (h * w) above which decode_first_stage decodes in bands: beyond 1024x1024 images.
-TILED_DECODE_ABOVE = 128 * 128
 
 # The derived schedule buffers of the original, in its registration order.
 SCHEDULE_BUFFERS = (
@@ -33,17 +31,6 @@ SCHEDULE_BUFFERS = (
     "posterior_mean_coef2",
 )
 
-# LatentDiffusion/DDPM parameters that only matter for training or logging; accepted and ignored.
-TRAINING_ONLY_PARAMS = (
-    "base_learning_rate", "monitor", "num_timesteps_cond", "log_every_t", "first_stage_key", "cond_stage_key",
-    "cond_stage_trainable", "use_ema", "scheduler_config", "loss_type", "ckpt_path", "ignore_keys",
-    "load_only_unet", "use_positional_encodings", "learn_logvar", "logvar_init", "original_elbo_weight",
-    "l_simple_weight", "make_it_fit", "reset_ema", "reset_num_ema_updates", "ucg_training", "use_fp16",
-    "cond_stage_forward", "concat_mode", "image_size", "clip_denoised", "v_posterior", "given_betas",
-    "cosine_s", "conditioning_key_drop", "scale_by_std", "load_ema", "unet_trainable", "embedding_reg_weight",
-)
-
-
 # What the UNet predicts: the noise eps, or v = sqrt(a) eps - sqrt(1 - a) x0 (SD 2.x 768-v models).
 PARAMETERIZATIONS = ("eps", "v")
 
@@ -55,29 +42,19 @@ class DiffusionWrapper(nn.Module):
         super().__init__()
         self.diffusion_model = diffusion_model
 
-    def forward(self, x, t, context):
-        return self.diffusion_model(x, t, context)
+    def forward(self, x, t, context, y=None):
+        return self.diffusion_model(x, t, context, y)
 
 
 class LatentDiffusion(nn.Module):
     """Latent diffusion with cross-attention text conditioning (SD v1 and 2.x), eps- or v-prediction."""
 
     def __init__(self, unet_config, first_stage_config, cond_stage_config, linear_start=0.00085, linear_end=0.012,
-                 timesteps=1000, beta_schedule="linear", parameterization="eps", channels=4,
-                 conditioning_key="crossattn", scale_factor=1.0, **training_only):
+                 timesteps=1000, parameterization="eps", channels=4, scale_factor=1.0):
         super().__init__()
-        from ..config import instantiate  # the config module knows which class each target names
-
-        unknown = sorted(set(training_only) - set(TRAINING_ONLY_PARAMS))
-        if unknown:
-            raise ValueError(f"LatentDiffusion: unknown parameter(s): {', '.join(unknown)}")
-        if beta_schedule != "linear":
-            raise ValueError(f"LatentDiffusion: beta_schedule {beta_schedule!r} is not supported (SD v1 uses 'linear')")
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"LatentDiffusion: parameterization {parameterization!r} is not supported "
                              f"(choose from {', '.join(PARAMETERIZATIONS)})")
-        if conditioning_key != "crossattn":
-            raise ValueError(f"LatentDiffusion: conditioning_key {conditioning_key!r} is not supported (SD v1 uses 'crossattn')")
 
         self.model = DiffusionWrapper(instantiate(unet_config))
         self.first_stage_model = instantiate(first_stage_config)
@@ -102,7 +79,7 @@ class LatentDiffusion(nn.Module):
         return next(self.model.parameters()).dtype
 
     def apply_model(self, x_noisy, t, cond):
-        """Noise prediction eps(x_t, t, text context)."""
+        """The UNet's prediction (eps, or v for a v-prediction model) at x_t, t under the text context."""
         return self.model(x_noisy, t, cond)
 
     def get_learned_conditioning(self, prompts):
@@ -116,9 +93,5 @@ class LatentDiffusion(nn.Module):
         return self.scale_factor * posterior.sample(generator)
 
     def decode_first_stage(self, z):
-        """Scaled latents -> images in about [-1, 1]. Beyond 1024x1024 images, the autoencoder decodes one
-        image at a time in bands of rows (`decode_tiled`: the same result, in less memory)."""
-        z = z / self.scale_factor
-        if z.shape[-2] * z.shape[-1] > TILED_DECODE_ABOVE and not torch.is_grad_enabled():
-            return self.first_stage_model.decode_tiled(z)
-        return self.first_stage_model.decode(z)
+        """Scaled latents -> images in about [-1, 1]."""
+        return self.first_stage_model.decode(z / self.scale_factor)

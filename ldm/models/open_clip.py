@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Linear
 from .tokenizer import CLIPTokenizer
 
 # Text towers of the OpenCLIP architectures SD uses (open_clip's model_configs/<arch>.json, text_cfg).
@@ -64,24 +63,24 @@ class Attention(nn.Module):
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
-        self.out_proj = Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x, residual=None):
+    def forward(self, x):
         B, T, C = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3C)
         q, k, v = qkv.view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # each (B, heads, T, d)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, heads, T, d)
-        return self.out_proj(out.transpose(1, 2).reshape(B, T, C), residual=residual)
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
     def __init__(self, width, hidden):
         super().__init__()
-        self.c_fc = Linear(width, hidden)
-        self.c_proj = Linear(hidden, width)
+        self.c_fc = nn.Linear(width, hidden)
+        self.c_proj = nn.Linear(hidden, width)
 
-    def forward(self, x, residual=None):
-        return self.c_proj(F.gelu(self.c_fc(x)), residual=residual)
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x)))
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -93,8 +92,8 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp = MLP(width, width * mlp_ratio)
 
     def forward(self, x):
-        x = self.attn(self.ln_1(x), residual=x)  # x + attn(ln_1(x))
-        return self.mlp(self.ln_2(x), residual=x)  # x + mlp(ln_2(x))
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):

@@ -1,34 +1,29 @@
-"""The Stable Diffusion v1 denoising UNet, with spatial transformers.
+"""The Stable Diffusion denoising UNet with spatial transformers (v1, v2 and XL are configurations of it).
 
 Corresponds to the original `ldm.modules.diffusionmodules.openaimodel.UNetModel` and
-`ldm.modules.attention.SpatialTransformer`. Attribute names and `nn.Sequential` positions
-reproduce the original checkpoint keys (`input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight`,
-...), so a state dict loads with no renaming. Dropout positions are kept as identities.
+`ldm.modules.attention.SpatialTransformer` (and `sgm.modules.diffusionmodules.openaimodel.UNetModel`
+for SDXL). Attribute names and `nn.Sequential` positions reproduce the original checkpoint keys
+(`input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight`, ...), so a state dict loads with no
+renaming; Dropout positions are kept as identities.
+
+This is the reference model: plain PyTorch, eps = UNet(x[B], t[B], context[B]). Faster kernels,
+guidance fan-out and caches are a pass over it (`ldm.backends.optimize`), never part of it.
 """
 
 import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
-
-from .layers import Conv2d, DerivedCache, Linear, attention, geglu, recording, tensor_key
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32, whatever the activation dtype (as the original).
-
-    With `upcast = False`, a float16 or bfloat16 activation on CUDA with weights of its own dtype and
-    no autocast goes to `group_norm` as it is: the CUDA kernel keeps its statistics and arithmetic
-    in float32 and rounds once on the way out, like the upcast, without the two extra passes.
-    """
-
-    upcast = True
+    """GroupNorm computed in float32 whatever the activation dtype, as the original."""
 
     def forward(self, x):
-        if not self.upcast and x.is_cuda and x.dtype == self.weight.dtype and not torch.is_autocast_enabled():
-            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+        w, b = self.weight.float(), self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
 
 
 def normalization(channels):
@@ -46,77 +41,55 @@ def timestep_embedding(t, dim, max_period=10000):
     return emb
 
 
-def fan_out(t, k):
-    """t repeated k times along the batch, [t, t, ...]: each latent under k contexts. (`cat` keeps the
-    memory layout, channels-last included; `repeat` would make an NCHW copy.)"""
-    return torch.cat([t] * k) if k > 1 else t
-
-
 # ----------------------------------------------------------------------------- attention
 
 
-class CrossAttention(DerivedCache, nn.Module):
-    """Multi-head attention; self-attention when no context is given."""
+class CrossAttention(nn.Module):
+    """Multi-head attention of x over context (self-attention when no context is given)."""
 
     def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64):
         super().__init__()
         inner = heads * dim_head
         context_dim = context_dim or query_dim
         self.heads = heads
-        self.to_q = Linear(query_dim, inner, bias=False)
-        self.to_k = Linear(context_dim, inner, bias=False)
-        self.to_v = Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(Linear(inner, query_dim), nn.Identity())  # .1 was Dropout
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())  # .1 was Dropout
 
-    _derived = ("_kv",)
-    _kv = None  # cross-attention at inference: (context, keys of it and the weights, to_k(context), to_v(context))
-
-    def keys_values(self, context):
-        """to_k(context), to_v(context); for a cross-attention context (the text, the same tensor at every
-        sampling step) kept from the previous call while the context and both weights are unchanged."""
-        # A graph being recorded, or no version counter (inference tensors): a change could go unseen.
-        if recording(context) or torch.is_grad_enabled() or context.is_inference():
-            self._kv = None
-            return self.to_k(context), self.to_v(context)
-        key = (tensor_key(context), tensor_key(self.to_k.weight), tensor_key(self.to_v.weight))
-        if self._kv is None or self._kv[0] is not context or self._kv[1] != key:
-            self._kv = None
-            self._kv = (context, key, self.to_k(context), self.to_v(context))
-        return self._kv[2], self._kv[3]
-
-    def forward(self, x, context=None, residual=None):
-        B, N, _ = x.shape
-        h = self.heads
-        q = self.to_q(x).view(B, N, h, -1).transpose(1, 2)  # (B, h, N, d)
-        k, v = (self.to_k(x), self.to_v(x)) if context is None else self.keys_values(context)
-        M = k.shape[1]
-        k = k.view(B, M, h, -1).transpose(1, 2)  # (B, h, M, d)
-        v = v.view(B, M, h, -1).transpose(1, 2)  # (B, h, M, d)
-        out = attention(q, k, v)  # (B, h, N, d)
-        out = out.transpose(1, 2).reshape(B, N, -1)  # (B, N, h*d)
-        return self.to_out[0](out, residual)  # (+ residual, summed by the matmul); to_out[1] is an identity
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
 class GEGLU(nn.Module):
+    """a * GELU(gate) for [a, gate] = proj(x) (Shazeer 2020, arXiv:2002.05202)."""
+
     def __init__(self, dim_in, dim_out):
         super().__init__()
-        self.proj = Linear(dim_in, dim_out * 2)
+        self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x):
-        return geglu(x, self.proj)  # x, gate = proj(x).chunk(2, -1); x * gelu(gate)
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
 
 
 class FeedForward(nn.Module):
     def __init__(self, dim, mult=4):
         super().__init__()
         inner = dim * mult
-        self.net = nn.Sequential(GEGLU(dim, inner), nn.Identity(), Linear(inner, dim))  # .1 was Dropout
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Identity(), nn.Linear(inner, dim))  # .1 was Dropout
 
-    def forward(self, x, residual=None):
-        return self.net[2](self.net[0](x), residual)  # net[1] is an identity
+    def forward(self, x):
+        return self.net(x)
 
 
 class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention over the text, feed-forward; each pre-normed and residual."""
+
     def __init__(self, dim, n_heads, d_head, context_dim=None):
         super().__init__()
         self.attn1 = CrossAttention(dim, heads=n_heads, dim_head=d_head)
@@ -127,35 +100,45 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x, context=None):
-        x = self.attn1(self.norm1(x), residual=x)  # x + attn1(norm1(x))
-        if context is not None and context.shape[0] != x.shape[0]:  # each latent under k contexts: fan out here
-            x = fan_out(x, context.shape[0] // x.shape[0])  # (k*B, N, C)
-        x = self.attn2(self.norm2(x), context=context, residual=x)
-        return self.ff(self.norm3(x), residual=x)
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context=context)
+        return x + self.ff(self.norm3(x))
 
 
 class SpatialTransformer(nn.Module):
-    """Transformer over the pixels of a feature map: 1x1 conv in, blocks, 1x1 conv out, residual."""
+    """Transformer over the pixels of a feature map: norm, project in, blocks, project out, residual.
 
-    def __init__(self, in_channels, n_heads, d_head, depth=1, context_dim=None):
+    The projections are 1x1 convolutions (v1), or with `use_linear` linear layers applied to the
+    (b, h*w, c) sequence (v2, XL).
+    """
+
+    def __init__(self, in_channels, n_heads, d_head, depth=1, context_dim=None, use_linear=False):
         super().__init__()
         inner = n_heads * d_head
+        self.use_linear = use_linear
         self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
-        self.proj_in = Conv2d(in_channels, inner, 1)
+        self.proj_in = nn.Linear(in_channels, inner) if use_linear else nn.Conv2d(in_channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(inner, n_heads, d_head, context_dim=context_dim) for _ in range(depth)]
         )
-        self.proj_out = Conv2d(inner, in_channels, 1)
+        self.proj_out = nn.Linear(inner, in_channels) if use_linear else nn.Conv2d(inner, in_channels, 1)
 
     def forward(self, x, context=None):
-        B, C, H, W = x.shape
-        h = self.proj_in(self.norm(x))
-        h = h.flatten(2).transpose(1, 2)  # (B, H*W, inner)
+        _, _, H, W = x.shape
+        h = self.norm(x)
+        if not self.use_linear:
+            h = self.proj_in(h)
+        h = rearrange(h, "b c h w -> b (h w) c")
+        if self.use_linear:
+            h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context=context)
-        h = h.transpose(1, 2).reshape(h.shape[0], -1, H, W)  # (B, inner, H, W); k*B once fanned out
-        x = fan_out(x, h.shape[0] // B)  # the residual follows a fan-out inside the blocks
-        return self.proj_out(h, residual=x)  # proj_out(h) + x
+        if self.use_linear:
+            h = self.proj_out(h)
+        h = rearrange(h, "b (h w) c -> b c h w", h=H, w=W)
+        if not self.use_linear:
+            h = self.proj_out(h)
+        return x + h
 
 
 # ----------------------------------------------------------------------------- conv blocks
@@ -164,7 +147,7 @@ class SpatialTransformer(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels, out_channels=None):
         super().__init__()
-        self.op = Conv2d(channels, out_channels or channels, 3, stride=2, padding=1)
+        self.op = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.op(x)
@@ -173,10 +156,10 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels, out_channels=None):
         super().__init__()
-        self.conv = Conv2d(channels, out_channels or channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x):
-        return self.conv.upsampled(x)  # conv(nearest 2x upsampling of x)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class ResBlock(nn.Module):
@@ -185,18 +168,18 @@ class ResBlock(nn.Module):
     def __init__(self, channels, emb_channels, out_channels=None):
         super().__init__()
         out_channels = out_channels or channels
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_channels, out_channels))
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            normalization(out_channels), nn.SiLU(), nn.Identity(), Conv2d(out_channels, out_channels, 3, padding=1)
+            normalization(out_channels), nn.SiLU(), nn.Identity(), nn.Conv2d(out_channels, out_channels, 3, padding=1)
         )  # .2 was Dropout
-        self.skip_connection = nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x, emb):
-        norm, act, conv = self.in_layers
-        h = conv(act(norm(x)), shift=self.emb_layers(emb))  # in_layers(x) + emb_layers(emb)[:, :, None, None]
-        out = self.out_layers
-        return out[3](out[2](out[1](out[0](h))), residual=self.skip_connection(x))  # skip(x) + out_layers(h)
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None]
+        h = self.out_layers(h)
+        return self.skip_connection(x) + h
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -217,7 +200,14 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    """The v1 denoiser: eps = UNet(x_t, t, text context). Parameters follow the original config."""
+    """eps = UNet(x_t, t, text context[, y]). Parameters follow the original configs.
+
+    `transformer_depth` is one depth for every level or one per level (SDXL: [1, 2, 10]; the middle
+    block takes `transformer_depth_middle`, by default the last level's). `use_linear_in_transformer`
+    makes the transformers' projections linear (v2, XL). `num_classes="sequential"` with
+    `adm_in_channels` adds `label_emb(y)` of a vector y [B, adm_in_channels] to the timestep
+    embedding (SDXL's size and crop conditioning).
+    """
 
     def __init__(
         self,
@@ -229,57 +219,50 @@ class UNetModel(nn.Module):
         channel_mult=(1, 2, 4, 8),
         num_heads=-1,
         num_head_channels=-1,
-        use_spatial_transformer=False,
         transformer_depth=1,
+        transformer_depth_middle=None,
         context_dim=None,
-        legacy=True,
-        conv_resample=True,
-        dims=2,
-        dropout=0.0,
+        use_linear_in_transformer=False,
         num_classes=None,
-        use_checkpoint=False,
-        use_fp16=False,
-        num_heads_upsample=-1,
-        use_scale_shift_norm=False,
-        resblock_updown=False,
-        use_new_attention_order=False,
-        n_embed=None,
-        image_size=None,
+        adm_in_channels=None,
     ):
         super().__init__()
-        unsupported = {
-            "use_spatial_transformer": not use_spatial_transformer,
-            "conv_resample": not conv_resample,
-            "dims": dims != 2,
-            "num_classes": num_classes is not None,
-            "use_scale_shift_norm": use_scale_shift_norm,
-            "resblock_updown": resblock_updown,
-            "n_embed": n_embed is not None,
-        }
-        bad = [name for name, is_bad in unsupported.items() if is_bad]
-        if bad:
-            raise ValueError(f"UNetModel: options not used by SD v1 and not supported: {', '.join(bad)}")
         if context_dim is None:
             raise ValueError("UNetModel: context_dim is required for a text-conditioned model")
         if num_heads == -1 and num_head_channels == -1:
             raise ValueError("UNetModel: set num_heads or num_head_channels")
-        # use_checkpoint, use_fp16, dropout, image_size: training or legacy switches, ignored at inference.
+        if num_classes not in (None, "sequential"):
+            raise ValueError(f"UNetModel: num_classes={num_classes!r} is not supported (only 'sequential', as SDXL)")
+        if num_classes == "sequential" and adm_in_channels is None:
+            raise ValueError("UNetModel: num_classes 'sequential' needs adm_in_channels")
+        levels = len(channel_mult)
+        depths = [transformer_depth] * levels if isinstance(transformer_depth, int) else list(transformer_depth)
+        if len(depths) != levels:
+            raise ValueError(f"UNetModel: transformer_depth has {len(depths)} entries for {levels} levels")
+        depth_middle = depths[-1] if transformer_depth_middle is None else transformer_depth_middle
 
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.model_channels = model_channels
         self.context_dim = context_dim
-        self.downsample_factor = 2 ** (len(channel_mult) - 1)  # latent sides must be multiples of this
+        self.num_classes = num_classes
+        self.downsample_factor = 2 ** (levels - 1)  # latent sides must be multiples of this
 
-        def heads_for(ch):  # (heads, dim per head); `legacy` gives the same split for spatial transformers
+        def transformer(ch, depth):
             if num_head_channels == -1:
-                return num_heads, ch // num_heads
-            return ch // num_head_channels, num_head_channels
+                heads, d_head = num_heads, ch // num_heads
+            else:
+                heads, d_head = ch // num_head_channels, num_head_channels
+            return SpatialTransformer(ch, heads, d_head, depth=depth, context_dim=context_dim,
+                                      use_linear=use_linear_in_transformer)
 
         time_dim = model_channels * 4
-        self.time_embed = nn.Sequential(Linear(model_channels, time_dim), nn.SiLU(), Linear(time_dim, time_dim))
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        if num_classes == "sequential":
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(adm_in_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)))
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(in_channels, model_channels, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
         skip_chans = [model_channels]
         ch, ds = model_channels, 1
         for level, mult in enumerate(channel_mult):
@@ -287,19 +270,16 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch, time_dim, mult * model_channels)]
                 ch = mult * model_channels
                 if ds in attention_resolutions:
-                    layers.append(SpatialTransformer(ch, *heads_for(ch), depth=transformer_depth, context_dim=context_dim))
+                    layers.append(transformer(ch, depths[level]))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chans.append(ch)
-            if level != len(channel_mult) - 1:
+            if level != levels - 1:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
                 skip_chans.append(ch)
                 ds *= 2
 
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, time_dim),
-            SpatialTransformer(ch, *heads_for(ch), depth=transformer_depth, context_dim=context_dim),
-            ResBlock(ch, time_dim),
-        )
+        self.middle_block = TimestepEmbedSequential(ResBlock(ch, time_dim), transformer(ch, depth_middle),
+                                                    ResBlock(ch, time_dim))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -307,35 +287,33 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_chans.pop(), time_dim, model_channels * mult)]
                 ch = model_channels * mult
                 if ds in attention_resolutions:
-                    layers.append(SpatialTransformer(ch, *heads_for(ch), depth=transformer_depth, context_dim=context_dim))
+                    layers.append(transformer(ch, depths[level]))
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), Conv2d(model_channels, out_channels, 3, padding=1))
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
 
-    def forward(self, x, timesteps, context):
-        """eps for latents x [B, C, H, W] at timesteps [B] under text contexts [B, L, D].
+    def embedding(self, timesteps, y=None, dtype=torch.float32):
+        """The timestep embedding [B, 4 * model_channels] (plus label_emb(y) for a class-conditioned model)."""
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+        if self.num_classes is not None:
+            if y is None:
+                raise ValueError("UNetModel: this model needs its vector conditioning y")
+            emb = emb + self.label_emb(y.to(dtype))
+        return emb
 
-        A context of k*B rows means each latent under k contexts (as classifier-free guidance does,
-        unconditional rows first): the result is that of `forward(x.repeat(k, 1, 1, 1),
-        timesteps.repeat(k), context)`, but the layers before the first cross-attention, which see
-        no context, run once per latent instead of k times.
-        """
-        if context.shape[0] % x.shape[0] or timesteps.shape[0] != x.shape[0]:
-            raise ValueError(f"UNetModel: {x.shape[0]} latents and {timesteps.shape[0]} timesteps "
-                             f"for {context.shape[0]} contexts")
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
-        h = x
-        skips = []
+    def forward(self, x, timesteps, context, y=None):
+        """eps for latents x [B, C, H, W] at timesteps [B] under contexts [B, L, D] (and vectors y [B, adm])."""
+        if not x.shape[0] == timesteps.shape[0] == context.shape[0]:
+            raise ValueError(f"UNetModel: {x.shape[0]} latents, {timesteps.shape[0]} timesteps and "
+                             f"{context.shape[0]} contexts")
+        emb = self.embedding(timesteps, y, x.dtype)
+        h, skips = x, []
         for block in self.input_blocks:
             h = block(h, emb, context)
-            k = h.shape[0] // emb.shape[0]  # > 1 once the block fanned out to the contexts: so do the rest
-            emb, skips = fan_out(emb, k), [fan_out(s, k) for s in skips]
             skips.append(h)
-        k = context.shape[0] // h.shape[0]  # > 1 when no input block had a cross-attention
-        h, emb, skips = fan_out(h, k), fan_out(emb, k), [fan_out(s, k) for s in skips]
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)

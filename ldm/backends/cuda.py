@@ -1,11 +1,12 @@
-"""Running the denoiser faster on a GPU, outside the model code: CUDA graphs and torch.compile.
+"""The GPU side of the backend: CUDA graphs and torch.compile for the UNet step.
 
 On a fast GPU one guided UNet step of eager PyTorch is bound by the CPU launching its ~1,400
 kernels one by one, not by the GPU running them. `CUDAGraphs` records those launches once per
-input shape and replays them with one call; `compile_unet` hands the UNet to torch.compile
-(Inductor fuses the elementwise work between the matrix products). Both leave the module tree,
-the checkpoint keys and the numbers the model computes unchanged. The pipeline uses them when
-asked (`--cuda_graphs`, `--compile`).
+input shape and replays them with one call; `compiled` hands the step to torch.compile (Inductor
+fuses the elementwise work between the matrix products). Both leave the module tree, the
+checkpoint keys and the numbers the model computes unchanged. `optimize` puts them on the UNet
+when its options say so (`BackendOptions(cuda_graphs=True, compile=True)`; `--cuda_graphs`,
+`--compile`); `runner_for` builds the step the optimized UNet runs.
 """
 
 from __future__ import annotations
@@ -118,29 +119,38 @@ class CUDAGraphs:
         return graph, static, out
 
 
-def compile_unet(unet: torch.nn.Module, mode: str | None = None):
-    """torch.compile the UNet's forward in place (module tree and keys unchanged); returns the UNet.
+def runner_for(unet):
+    """The step an optimized UNet runs, as its options say: `unet.fast_forward`, compiled and/or
+    replayed from CUDA graphs (the graphs capture the compiled step, which stacks on a GPU)."""
+    fn = unet.fast_forward
+    if unet.backend.compile:
+        fn = compiled(fn)
+    if unet.backend.cuda_graphs:
+        fn = CUDAGraphs(fn)
+    return fn
 
-    The default mode fuses the elementwise work and leaves launching to the caller, so it stacks
-    with `CUDAGraphs` on a GPU; the first call at each shape compiles (tens of seconds). If that
-    compile fails (no C++ compiler, an unsupported backend), the UNet runs uncompiled from then on,
-    with a warning.
-    """
-    eager = unet.forward
-    compiled = torch.compile(eager, **({"mode": mode} if mode else {}))
 
-    def forward(*args, **kwargs):
+def compiled(fn, mode: str | None = None):
+    """fn through torch.compile. The first call at each shape compiles (tens of seconds); if compiling
+    fails (no C++ compiler, an unsupported backend), fn runs as it is from then on, with a warning."""
+    compiled_fn = torch.compile(fn, **({"mode": mode} if mode else {}))
+    state = {"failed": False}
+
+    def run(*args, **kwargs):
+        if state["failed"]:
+            return fn(*args, **kwargs)
         try:
-            return compiled(*args, **kwargs)
+            return compiled_fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 (whatever the compiler raises: run as before, loudly)
             if not _is_compile_error(e):
                 raise
             log.warning("torch.compile failed, running the UNet uncompiled: %s", _first_line(e))
-            unet.forward = eager
-            return eager(*args, **kwargs)
+            state["failed"] = True
+            return fn(*args, **kwargs)
 
-    unet.forward = forward
-    return unet
+    run.eager = fn
+    run.failed = lambda: state["failed"]
+    return run
 
 
 def _is_compile_error(e: Exception) -> bool:

@@ -1,0 +1,75 @@
+"""Memory policy of the CPU backend: let go of the file pages under a weight once a packed copy replaces it."""
+
+import ctypes
+import mmap
+import sys
+
+import torch
+
+_MADV_DONTNEED = 4
+
+
+def private_file_mappings():
+    """[(start, end)] of this process's private (copy-on-write) mappings of files, such as a memory-mapped checkpoint."""
+    spans = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if fields[1].endswith("p") and len(fields) == 6 and fields[5].startswith("/"):
+                    lo, hi = (int(v, 16) for v in fields[0].split("-"))
+                    spans.append((lo, hi))
+    except OSError:
+        pass
+    return spans
+
+
+def release_file_pages(tensors, mappings=None):
+    """Let go of the resident pages under each tensor that is a view of a memory-mapped file nobody wrote to.
+
+    The loader maps checkpoints privately (copy-on-write) and uses the weights in place, so once a
+    weight has been packed its pages are a second copy held in the resident set for nothing. Pages
+    still identical to the file are unmapped from this process (they stay in the page cache, and
+    are read back from it if the tensor is ever read again); if any page of a tensor was written to
+    in place, nothing of it is released. Linux only; elsewhere, and for any other tensor, a no-op.
+    `mappings`: `private_file_mappings()`, read once for many calls. Returns how many tensors had
+    pages released.
+    """
+    if not sys.platform.startswith("linux"):
+        return 0
+    if isinstance(tensors, torch.Tensor):
+        tensors = [tensors]
+    tensors = [t for t in tensors if t.device.type == "cpu" and t.numel()]
+    if not tensors:
+        return 0
+    mappings = private_file_mappings() if mappings is None else mappings
+    return sum(_release(t, mappings) for t in tensors)
+
+
+def containing_mapping(t, mappings):
+    """[(start, end)] of the mapping in `mappings` that holds tensor t's data, or []."""
+    begin = t.data_ptr()
+    end = begin + t.numel() * t.element_size()
+    return [(lo, hi) for lo, hi in mappings if lo <= begin and end <= hi][:1]
+
+
+def _release(t, mappings):
+    page = mmap.PAGESIZE
+    begin = t.data_ptr()
+    start = -(-begin // page) * page  # whole pages inside the tensor only
+    end = (begin + t.numel() * t.element_size()) // page * page
+    if end <= start or not any(lo <= start and end <= hi for lo, hi in mappings):
+        return False
+    try:
+        n = (end - start) // page
+        with open("/proc/self/pagemap", "rb") as f:  # 64 bits per page: 63 present, 61 file page
+            f.seek(start // page * 8)
+            entries = torch.frombuffer(bytearray(f.read(8 * n)), dtype=torch.int64)
+        present = entries < 0
+        file_page = (entries >> 61) & 1 == 1
+        if len(entries) != n or bool((present & ~file_page).any()):  # a page written to since it was mapped
+            return False
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) == 0
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -1,0 +1,83 @@
+"""BackendOptions: which fast paths `ldm.backends.optimize` puts into a model. An explicit object, passed
+from the entry point; library code reads no environment variable and keeps no switch in a global."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """The levers of the backend pass, each on by default where it measured faster (bench/README.md).
+
+    CPU float32 (each needs `onednn`; a call in another dtype, on another device, recording autograd or
+    traced by torch.compile takes the reference computation):
+
+    - `onednn`: every Linear runs oneDNN's matmul and every Conv2d a oneDNN convolution whose weight is
+      reordered into oneDNN's layout once (at optimize time, see `prepack_latent_size`), not at every call.
+      Off: nn.Linear and nn.Conv2d as they are, and none of the levers below that name oneDNN.
+    - `epilogues`: residual sums (x + attn(...), x + ff(...), skip + out_layers, the transformer's
+      residual), the ResBlock's timestep-embedding shift (folded into the bias when it is the same for
+      every sample) and GEGLU's GELU and product computed in the epilogue of the product before them.
+    - `fused_attention`: oneDNN Graph's fused attention kernel up to 1024 keys.
+    - `blocked_attention`: attention over 256 keys or more (where the fused kernel does not apply) as two
+      oneDNN matmuls per head and block of queries, in linear memory.
+    - `phase_upsample`: each UNet upsampler (nearest 2x, then 3x3 conv) as four 2x2 convolutions of the
+      small map, one per output phase: 4/9 of the FLOPs, no upsampled copy. (Not in the VAE decoder,
+      whose large maps measured slower with it.)
+    - `tiny_conv_gemm`: a convolution with at most 64 output positions (batch included) as one matmul.
+    - `prepack_latent_size`: the latent size, a side or (height, width) (64: a 512x512 image), whose layer
+      shapes the conv weights are packed for at optimize time. oneDNN's layout depends on the input
+      shape, so a call at another size re-packs a weight once (the first step at that size pays for
+      it). None: pack each weight at its first call instead.
+
+    Any device:
+
+    - `fan_out`: the optimized UNet takes B latents with k*B contexts (classifier-free guidance: k = 2,
+      unconditional rows first) and denoises each latent under each context, running the layers before
+      the first cross-attention once per latent instead of k times. Off: the latents are repeated.
+    - `kv_reuse`: cross-attention keeps to_k(text) and to_v(text) from one step to the next while the
+      context tensor and both weights are unchanged (never while autograd records, a graph is captured
+      or torch.compile traces, nor for inference tensors, which have no version counter).
+    - `fp32_attention`: half-precision attention computed in float32 (SD 2.x overflows float16 there).
+    - `half_groupnorm`: on CUDA, a float16/bfloat16 GroupNorm without the float32 round trip of the
+      reference (the CUDA kernel keeps its statistics in float32 anyway). Off by default: unmeasured.
+    - `cuda_graphs`: the UNet replays each step from a CUDA graph captured once per input shape
+      (`ldm.backends.cuda.CUDAGraphs`); a no-op off CUDA.
+    - `compile`: torch.compile the UNet (falls back to eager, with a warning, if compiling fails).
+    """
+
+    onednn: bool = True
+    epilogues: bool = True
+    fused_attention: bool = True
+    blocked_attention: bool = True
+    phase_upsample: bool = True
+    tiny_conv_gemm: bool = True
+    prepack_latent_size: int | tuple[int, int] | None = 64
+    fan_out: bool = True
+    kv_reuse: bool = True
+    fp32_attention: bool = True
+    half_groupnorm: bool = False
+    cuda_graphs: bool = False
+    compile: bool = False
+
+    LEVERS = ("onednn", "epilogues", "fused_attention", "blocked_attention", "phase_upsample", "tiny_conv_gemm",
+              "fan_out", "kv_reuse", "fp32_attention", "half_groupnorm")
+
+    @classmethod
+    def from_env(cls, environ=None, **overrides) -> BackendOptions:
+        """The defaults, with `LDM_ONEDNN=0` turning the oneDNN kernels off; for the entry point to call once."""
+        environ = os.environ if environ is None else environ
+        if environ.get("LDM_ONEDNN", "1") == "0":
+            overrides.setdefault("onednn", False)
+        return cls(**overrides)
+
+    @classmethod
+    def none(cls) -> BackendOptions:
+        """Every lever off: the optimized model computes what the reference does (and accepts k*B contexts)."""
+        return cls(**{name: False for name in cls.LEVERS})
+
+    def replace(self, **changes) -> BackendOptions:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,340 @@
+"""The backend pass: the optimized model computes what the reference model does, with every lever on
+and with each one off; it leaves the state dict alone, packs at optimize time, and follows weight
+changes (refresh)."""
+
+import copy
+import dataclasses
+import pickle
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import V1_CONFIG, randomize_, rel_err, tiny_config
+from ldm import backends
+from ldm.backends import BackendOptions, deoptimize, fans_out, optimize, refresh
+from ldm.backends import modules as fast
+from ldm.backends.kernels import onednn_available
+from ldm.checkpoint import build_model
+from ldm.config import instantiate, model_config
+from ldm.models.unet import UNetModel
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
+TOL = 1e-5
+
+
+def _tiny(seed=3, **unet_params):
+    config = tiny_config()
+    config["model"]["params"]["unet_config"]["params"].update(unet_params)
+    return randomize_(build_model(config, "cpu"), seed).eval()
+
+
+def _inputs(seed=4, batch=2, latent=16, ctx_dim=64, k=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, latent, latent, generator=g)
+    t = torch.tensor([981.0, 37.5, 500.0][:batch])
+    c = torch.randn(k * batch, 77, ctx_dim, generator=g)  # unconditional rows first, as guidance passes them
+    z = torch.randn(1, 4, latent, latent, generator=g)
+    ids = torch.randint(0, 49406, (batch, 77), generator=g)
+    return x, t, c, z, ids
+
+
+def _reference_outputs(model, x, t, c, z, ids):
+    k = c.shape[0] // x.shape[0]
+    with torch.no_grad():
+        return (model.apply_model(x.repeat(k, 1, 1, 1), t.repeat(k), c), model.decode_first_stage(z),
+                model.cond_stage_model.encode_ids(ids))
+
+
+def _outputs(model, x, t, c, z, ids):
+    with torch.no_grad():
+        eps = [model.apply_model(x, t, c) for _ in range(2)]  # twice: the second call reuses what the first kept
+        return eps, model.decode_first_stage(z), model.cond_stage_model.encode_ids(ids)
+
+
+LEVERS = BackendOptions.LEVERS
+
+
+@pytest.mark.parametrize("off", [None, "all", *LEVERS])
+def test_optimized_equals_reference_with_each_lever_off(off):
+    model = _tiny()
+    inputs = _inputs()
+    eps_ref, img_ref, text_ref = _reference_outputs(model, *inputs)
+    options = BackendOptions.none() if off == "all" else BackendOptions(**({off: False} if off else {}))
+    optimize(model, options)
+    assert fans_out(model)
+    eps, img, text = _outputs(model, *inputs)
+    for e in eps:
+        assert e.shape == eps_ref.shape
+        assert rel_err(e, eps_ref) < TOL
+    assert rel_err(img, img_ref) < TOL and rel_err(text, text_ref) < TOL
+
+
+@needs_onednn
+@pytest.mark.parametrize("off", [None, "onednn", "fused_attention", "phase_upsample", "tiny_conv_gemm", "kv_reuse"])
+def test_each_lever_takes_its_path(off):
+    """With a lever on, its kernel really runs (what it keeps is there); with it off, it does not."""
+    model = optimize(_tiny(), BackendOptions(**({off: False} if off else {})))
+    unet = model.model.diffusion_model
+    x, t, c, *_ = _inputs()
+    with torch.no_grad():
+        model.apply_model(x, t, c)
+    convs = [m for m in unet.modules() if isinstance(m, fast.PackedConv2d)]
+    forms = {m._form[1] for m in convs if "_form" in m.__dict__}
+    ups = [m for m in unet.modules() if isinstance(m, fast.PhaseUpsample)]
+    attn2 = [m for m in unet.modules() if isinstance(m, fast.FastCrossAttention) and "_kv" in m.__dict__]
+    fused_graphs = unet.input_blocks[1][1].transformer_blocks[0].attn1.fused
+    assert bool(convs) == (off != "onednn")
+    if off != "onednn":
+        assert ("gemm" in forms) == (off != "tiny_conv_gemm")  # the 2x2 maps of the deepest level
+        assert "packed" in forms
+        assert all(("_phases" in m.__dict__) == (off != "phase_upsample") for m in ups)
+        assert bool(fused_graphs.graphs) == (off != "fused_attention")
+    assert bool(attn2) == (off != "kv_reuse")
+
+
+def test_state_dict_unchanged_and_reversible():
+    model = _tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = [type(m) for m in model.modules()]
+    assert optimize(model) is model
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
+    assert any(isinstance(m, fast.FastUNet) for m in model.modules())
+    x, t, c, *_ = _inputs()
+    with torch.no_grad():
+        model.apply_model(x, t, c)
+    assert list(model.state_dict()) == list(before)  # nothing kept by a call lands in the state dict
+    deoptimize(model)
+    assert [type(m) for m in model.modules()] == classes
+    assert not fans_out(model)
+    assert not any(k in m.__dict__ for m in model.modules() for k in ("backend", "_form", "_kv", "_phases", "fused"))
+
+
+@needs_onednn
+def test_weights_are_packed_at_optimize_time():
+    model = optimize(_tiny())
+    unet = model.model.diffusion_model
+    phase_convs = {id(m.conv) for m in unet.modules() if isinstance(m, fast.PhaseUpsample)}
+    convs = [m for m in unet.modules() if isinstance(m, fast.PackedConv2d) and id(m) not in phase_convs]
+    assert convs and all(m._form[1] == "packed" for m in convs)
+    assert convs[0].hint == (1, 4, 64, 64)  # the hint: one 512x512 image under guidance (before the fan-out)
+    assert all("_phases" in m.__dict__ for m in unet.modules() if isinstance(m, fast.PhaseUpsample))
+    decoder = model.first_stage_model.decoder
+    assert all("_form" in m.__dict__ for m in decoder.modules() if isinstance(m, fast.PackedConv2d))
+    lazy = optimize(_tiny(), BackendOptions(prepack_latent_size=None))
+    assert not any("_form" in m.__dict__ for m in lazy.modules())
+
+
+@pytest.mark.parametrize("use_refresh", [True, False])
+def test_weight_changes_are_followed(use_refresh):
+    """Weights changed in place (as a LoRA merge does): after refresh (or at the next call, which notices)
+    the optimized model gives the reference's new result."""
+    model, reference = _tiny(), _tiny()
+    optimize(model)
+    x, t, c, z, ids = _inputs()
+    with torch.no_grad():
+        model.apply_model(x, t, c)
+        kept = model.model.diffusion_model.input_blocks[1][0].in_layers[2].__dict__.get("_form")
+        for m in (model, reference):
+            unet = m.model.diffusion_model
+            unet.input_blocks[1][0].in_layers[2].weight.mul_(-1.5)  # a packed conv
+            unet.output_blocks[8][-1].conv.weight.add_(0.05)  # an upsampler's phase kernels
+            unet.input_blocks[1][1].transformer_blocks[0].attn2.to_k.weight.mul_(0.5)  # cached keys
+            unet.middle_block[0].in_layers[2].weight.mul_(2.0)  # a tiny-map conv (matmul form)
+        if use_refresh:
+            refresh(model)
+            new = model.model.diffusion_model.input_blocks[1][0].in_layers[2].__dict__.get("_form")
+            assert kept is None or new is not kept
+        eps_ref = reference.apply_model(x.repeat(2, 1, 1, 1), t.repeat(2), c)
+        assert rel_err(model.apply_model(x, t, c), eps_ref) < TOL
+
+
+def test_copies_and_pickles_leave_what_was_kept_behind():
+    model = optimize(_tiny())
+    x, t, c, *_ = _inputs()
+    with torch.no_grad():
+        want = model.apply_model(x, t, c)
+        twin = copy.deepcopy(model)
+        again = pickle.loads(pickle.dumps(model.model.diffusion_model))
+    assert not any(k in m.__dict__ for m in twin.modules() for k in ("_form", "_kv", "_phases", "fused", "_runner"))
+    with torch.no_grad():
+        assert rel_err(twin.apply_model(x, t, c), want) < TOL
+        assert rel_err(again(x, t, c), want) < TOL
+
+
+@pytest.mark.parametrize("attention_resolutions", [[4, 2, 1], [4], [16]])  # fan out at the top, lower, in the middle
+def test_optimized_unet_fans_latents_out_to_their_contexts(attention_resolutions):
+    """The optimized UNet: forward(x, t, context of k*B) equals the reference on x repeated k times,
+    wherever the first cross-attention sits; the reference takes one context per latent only."""
+    model = _tiny(attention_resolutions=attention_resolutions)
+    unet = model.model.diffusion_model
+    g = torch.Generator().manual_seed(4)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([981.0, 37.5])
+    ctxs = {k: torch.randn(k * 2, 7, 64, generator=g) for k in (1, 2, 3)}
+    with torch.no_grad():
+        want = {k: unet(x.repeat(k, 1, 1, 1), t.repeat(k), c) for k, c in ctxs.items()}
+        with pytest.raises(ValueError, match="2 latents, 2 timesteps and 4 contexts"):
+            unet(x, t, ctxs[2])
+        optimize(model)
+        for k, c in ctxs.items():
+            got = unet(x, t, c)
+            assert got.shape == (k * 2, 4, 16, 16)
+            assert rel_err(got, want[k]) < TOL
+        with pytest.raises(ValueError, match="2 latents and 2 timesteps for 3 contexts"):
+            unet(x, t, torch.randn(3, 7, 64))
+
+
+def test_options_from_the_environment():
+    assert BackendOptions.from_env({}) == BackendOptions()
+    assert BackendOptions.from_env({"LDM_ONEDNN": "0"}) == BackendOptions(onednn=False)
+    assert BackendOptions.from_env({"LDM_ONEDNN": "0"}, cuda_graphs=True).cuda_graphs
+    none = BackendOptions.none()
+    assert not any(getattr(none, name) for name in BackendOptions.LEVERS)
+    assert set(BackendOptions.LEVERS) <= {f.name for f in dataclasses.fields(BackendOptions)}
+
+
+def test_optimize_again_changes_the_options():
+    model = optimize(_tiny(), BackendOptions())
+    optimize(model, BackendOptions(kv_reuse=False))
+    attns = [m for m in model.modules() if isinstance(m, fast.FastCrossAttention)]
+    assert attns and all(not m.backend.kv_reuse for m in attns)
+    if onednn_available():  # the leaves were swapped again too
+        assert not any(type(m) is nn.Linear for m in model.model.diffusion_model.modules())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fp32", [True, False])
+def test_fp32_attention_on_cuda_half(fp32):
+    model = _tiny()
+    x, t, c, *_ = _inputs()
+    with torch.no_grad():
+        want = model.apply_model(x.repeat(2, 1, 1, 1), t.repeat(2), c)
+        model.to("cuda", torch.float16)
+        optimize(model, BackendOptions(fp32_attention=fp32))
+        got = model.apply_model(x.cuda().half(), t.cuda(), c.cuda().half()).float().cpu()
+    assert rel_err(got, want) < 1e-2
+
+
+# ----------------------------------------------------------------------------- SD 2.x and SDXL module trees
+
+
+def _v2_unet_params():
+    p = dict(model_config(V1_CONFIG)["params"]["unet_config"]["params"])
+    p.pop("num_heads")
+    p.update(num_head_channels=64, use_linear_in_transformer=True, context_dim=1024, use_fp16=True)
+    return p  # configs/stable-diffusion/v2-inference.yaml of Stability-AI/stablediffusion
+
+
+SDXL_UNET = {  # configs/inference/sd_xl_base.yaml of Stability-AI/generative-models
+    "adm_in_channels": 2816, "num_classes": "sequential", "use_checkpoint": True, "in_channels": 4, "out_channels": 4,
+    "model_channels": 320, "attention_resolutions": [4, 2], "num_res_blocks": 2, "channel_mult": [1, 2, 4],
+    "num_head_channels": 64, "use_linear_in_transformer": True, "transformer_depth": [1, 2, 10], "context_dim": 2048,
+    "spatial_transformer_attn_type": "softmax-xformers",
+}
+
+
+@pytest.mark.parametrize("name", ["v2", "xl"])
+def test_v2_and_xl_configs_build_the_original_key_layout(name):
+    """Our UNet built from the original v2 / SDXL UNet configs has the checkpoint layout diffusers' own
+    converter for original checkpoints expects (checked on the meta device: no weights)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+
+    if name == "v2":
+        node = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": _v2_unet_params()}
+        config = {"model": {"params": {"unet_config": node}}}
+    else:
+        node = {"target": "sgm.modules.diffusionmodules.openaimodel.UNetModel", "params": SDXL_UNET}
+        config = {"model": {"params": {"network_config": node}}}
+    key = "model.diffusion_model."
+    config["model"]["params"]["first_stage_config"] = model_config(V1_CONFIG)["params"]["first_stage_config"]
+    with torch.device("meta"):
+        unet = instantiate(node)
+    sd = {key + k: v for k, v in unet.state_dict().items()}
+    assert isinstance(unet, UNetModel)
+    if name == "v2":
+        assert sd[key + "input_blocks.1.1.proj_in.weight"].shape == (320, 320)  # linear, not a 1x1 conv
+        assert len(sd) == 686
+    else:
+        assert sd[key + "label_emb.0.0.weight"].shape == (1280, 2816)
+        assert sd[key + "label_emb.0.2.weight"].shape == (1280, 1280)
+        assert key + "input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight" in sd
+        assert sd[key + "input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight"].shape == (1280, 2048)
+        assert not any(k.startswith(key + "input_blocks.1.1.") for k in sd)  # no attention at the top level
+    cfg = sfu.create_unet_diffusers_config_from_ldm(config, sd)
+    with torch.device("meta"):
+        ref = UNet2DConditionModel(**cfg)
+    converted = sfu.convert_ldm_unet_checkpoint(sd, cfg)
+    expected = ref.state_dict()
+    assert set(converted) == set(expected)
+    assert all(tuple(converted[k].shape) == tuple(expected[k].shape) for k in expected)
+
+
+@pytest.mark.slow
+def test_full_v1_unet_optimized_equals_reference():
+    """The real v1 UNet (random weights), a 32x32 latent under two contexts: reference (latent repeated)
+    against the optimized model (latent given once) with every lever on."""
+    torch.manual_seed(0)
+    unet = instantiate(model_config(V1_CONFIG)["params"]["unet_config"]).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(1, 4, 32, 32, generator=g), torch.tensor([500.0])
+    c = torch.randn(2, 77, 768, generator=g)
+    with torch.no_grad():
+        want = unet(x.repeat(2, 1, 1, 1), t.repeat(2), c)
+        optimize(unet, BackendOptions())
+        got = [unet(x, t, c) for _ in range(2)]
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+    for eps in got:
+        assert rel_err(eps, want) < TOL
+    assert backends.is_optimized(unet)
+
+
+def _resident_pages(t):
+    import mmap
+
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(start // page * 8)
+        entries = torch.frombuffer(bytearray(f.read(8 * ((end - start) // page))), dtype=torch.int64)
+    return int((entries < 0).sum()), len(entries)
+
+
+@needs_onednn
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux page maps")
+def test_packing_releases_the_file_pages_of_a_loaded_model(tmp_path):
+    """A loaded checkpoint's weights are views of the mapped file: once packed, their pages are let go
+    (they come back from the page cache if read), and the values are the file's."""
+    from helpers import write_tiny_model
+    from ldm.checkpoint import load_model
+
+    config, ckpt = write_tiny_model(tmp_path)
+    model = load_model(config, ckpt)
+    conv = model.model.diffusion_model.output_blocks[0][0].in_layers[2]  # 128 -> 64 channels, 3x3: 72 pages
+    want = conv.weight.clone()
+    assert _resident_pages(conv.weight)[0] > 0
+    optimize(model)
+    resident, pages = _resident_pages(conv.weight)
+    assert conv.file_mapping and pages >= 4 and resident == 0
+    assert torch.equal(conv.weight, want)
+    with torch.no_grad():
+        x = torch.randn(1, 128, 8, 8)
+        assert rel_err(conv(x), torch.nn.functional.conv2d(x.double(), want.double(), conv.bias.double(), padding=1)) < 1e-5
+
+
+@needs_onednn
+def test_packing_for_another_latent_size():
+    """Packed for a (height, width) given up front; a size the UNet cannot take leaves packing to the first call."""
+    model = optimize(_tiny(), BackendOptions(prepack_latent_size=(32, 16)))
+    conv_in = model.model.diffusion_model.input_blocks[0][0]
+    assert conv_in.hint == (1, 4, 32, 16) and conv_in._form[0][2] == (1, 4, 32, 16)
+    assert model.first_stage_model.decoder.conv_in.hint == (1, 4, 32, 16)
+    odd = optimize(_tiny(), BackendOptions(prepack_latent_size=12))  # not a multiple of 8
+    assert "_form" not in odd.model.diffusion_model.input_blocks[0][0].__dict__
+    x, t, c, *_ = _inputs(latent=8)
+    with torch.no_grad():
+        assert odd.apply_model(x, t, c).shape == (4, 4, 8, 8)
