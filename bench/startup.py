@@ -1,7 +1,7 @@
 """Start-up: a whole process from its start to the first image written, ours against diffusers.
 
     python bench/startup.py [--ckpt bench/results/sd-v1-random.ckpt] [--repeats 3] [--threads 2]
-    python bench/startup.py --checkouts /path/a /path/b   # our command from two source checkouts, A/B
+    python bench/startup.py --checkouts /path/a /path/b   # our command from two source checkouts, and diffusers
 
 Each repeat runs, one after the other (interleaved, warm page cache: the file is read once before):
 
@@ -55,7 +55,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--checkouts", nargs="*", default=None,
-                    help="source checkouts whose command to time side by side (default: this one, and diffusers)")
+                    help="source checkouts whose command to time side by side (default: this one)")
+    ap.add_argument("--no-diffusers", action="store_true", help="leave diffusers out")
     args = ap.parse_args(argv)
     ckpt = Path(args.ckpt).resolve()
     if not ckpt.is_file():
@@ -74,7 +75,7 @@ def main(argv=None):
         sides[tag] = ([sys.executable, "-m", "ldm.cli", "--ckpt", str(ckpt), "--config", CONFIG, "--H", "64", "--W", "64",
                        "--ddim_steps", "1", "--n_samples", "1", "--n_iter", "1", "--skip_grid", "--no_safety_checker",
                        "--outdir", str(tmp / tag)], c)
-    if not args.checkouts:
+    if not args.no_diffusers:
         script = DIFFUSERS_SCRIPT.format(root=str(ROOT), bench=str(ROOT / "bench"), threads=args.threads,
                                          ckpt=str(ckpt), config=str(ROOT / CONFIG), out=str(tmp / "diffusers.png"))
         sides["diffusers"] = ([sys.executable, "-c", script], ROOT)

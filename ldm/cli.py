@@ -214,11 +214,6 @@ def png_settings(path, explicit: dict) -> tuple[dict, dict]:
 
 def check_args(args):
     """Checks of the flags themselves that need no model (ValueError)."""
-    for name in ("n_samples", "n_iter"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if args.n_rows < 0:
-        raise ValueError(f"--n_rows must not be negative, got {args.n_rows}")
     if args.repeat <= 0:
         raise ValueError(f"--repeat must be a positive integer, got {args.repeat}")
     if args.threads is not None and args.threads <= 0:
