@@ -95,6 +95,7 @@ def _train(tmp_path, name, *extra):
     return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_training_is_seeded_and_stage_2_resumes_from_stage_1(tmp_path):
     a, log = _train(tmp_path, "a.safetensors")
     b, _ = _train(tmp_path, "b.safetensors")
@@ -156,6 +157,7 @@ def test_samplers_agree(demo_model):
         assert abs(r.shape_accuracy - runs[0].shape_accuracy) <= 1 / 24 + 1e-9, (r.sampler, r.records)
 
 
+@pytest.mark.slow
 def test_guidance_matters(demo_model):
     """DPM-Solver++ 20 on 192 prompts: colour, shape and background all right in 97.9 % of the
     images at scale 7.5 and 87.5 % at scale 1 when committed; backgrounds 98.4 % and 90.6 %."""

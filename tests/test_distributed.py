@@ -106,6 +106,7 @@ def test_job_refuses_to_overwrite_without_resume(job, reference, tmp_path):
     assert sorted(before) == sorted(after) and all(np.array_equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_resume_after_damage_ends_identical(job, reference, tmp_path):
     """A killed job leaves some images, a file cut short and a temporary file: --resume completes it."""
     d, args = job
@@ -125,6 +126,7 @@ def test_resume_after_damage_ends_identical(job, reference, tmp_path):
         assert os.stat(out / "samples" / f"{k:05d}.png").st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumed_ends_identical(job, reference, tmp_path):
     d, args = job
     out = tmp_path / "interrupted"

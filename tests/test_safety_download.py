@@ -148,6 +148,7 @@ def test_first_run_downloads_the_checker_once_then_uses_the_cache(hub, tiny, tmp
     assert "flagged by the safety checker" in r.stdout
 
 
+@pytest.mark.slow
 def test_offline_or_unreachable_hub_keeps_the_clear_message(hub, tiny, tmp_path):
     hub.requests.clear()
     r = run_cli(tiny, tmp_path / "offline", endpoint(hub), tmp_path / "hf1", offline=True)
