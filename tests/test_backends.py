@@ -276,7 +276,7 @@ def test_v2_and_xl_configs_build_the_original_key_layout(name):
 @pytest.mark.slow
 def test_full_v1_unet_optimized_equals_reference():
     """The real v1 UNet (random weights), a 32x32 latent under two contexts: reference (latent repeated)
-    against the optimized model (latent given once) with every lever on."""
+    against the optimized model (latent given once) with every lever on, then with each lever off in turn."""
     torch.manual_seed(0)
     unet = instantiate(model_config(V1_CONFIG)["params"]["unet_config"]).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(1)
@@ -284,12 +284,18 @@ def test_full_v1_unet_optimized_equals_reference():
     c = torch.randn(2, 77, 768, generator=g)
     with torch.no_grad():
         want = unet(x.repeat(2, 1, 1, 1), t.repeat(2), c)
-        optimize(unet, BackendOptions())
-        got = [unet(x, t, c) for _ in range(2)]
-    assert sum(p.numel() for p in unet.parameters()) == 859_520_964
-    for eps in got:
-        assert rel_err(eps, want) < TOL
-    assert backends.is_optimized(unet)
+        optimize(unet, BackendOptions(prepack_latent_size=32))
+        got = [unet(x, t, c) for _ in range(2)]  # the second call reuses the cross-attention keys and values
+        assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+        for eps in got:
+            assert rel_err(eps, want) < TOL
+        assert backends.is_optimized(unet)
+        # each lever off in turn, the others on (optimize again swaps the options in place)
+        for lever in LEVERS:
+            optimize(unet, BackendOptions(prepack_latent_size=32, **{lever: False}))
+            fanned = backends.fans_out(unet)
+            eps = unet(x, t, c) if fanned else unet(x.repeat(2, 1, 1, 1), t.repeat(2), c)
+            assert rel_err(eps, want) < TOL, lever
 
 
 def _resident_pages(t):
