@@ -149,9 +149,9 @@ def test_interrupted_run_resumed_ends_identical(job, reference, tmp_path):
     assert np.array_equal(contents(reference)[0]["grid-0000.png"], contents(out)[0][full_grid.name])
 
 
-def test_failing_rank_fails_the_job_quickly(job, tmp_path):
-    d, args = job
-    wrapper = tmp_path / "fail_rank1.py"
+def fail_rank1_script(folder):
+    """A script that runs the command line, with every batch of rank 1 failing."""
+    wrapper = folder / "fail_rank1.py"
     wrapper.write_text(
         "import os, sys\n"
         "from ldm import pipeline\n"
@@ -162,6 +162,12 @@ def test_failing_rank_fails_the_job_quickly(job, tmp_path):
         "from ldm.cli import main\n"
         "sys.exit(main())\n"
     )
+    return wrapper
+
+
+def test_failing_rank_fails_the_job_quickly(job, tmp_path):
+    d, args = job
+    wrapper = fail_rank1_script(tmp_path)
     t0 = time.time()
     r = torchrun(2, *args, "--outdir", str(tmp_path / "out"), script=(str(wrapper),), timeout=180)
     assert r.returncode != 0
@@ -176,17 +182,7 @@ def test_failing_rank_ends_every_rank_under_a_plain_launcher(job, tmp_path):
     import socket
 
     d, args = job
-    wrapper = tmp_path / "fail_rank1.py"
-    wrapper.write_text(
-        "import os, sys\n"
-        "from ldm import pipeline\n"
-        "if os.environ['RANK'] == '1':\n"
-        "    def boom(self, *a, **k):\n"
-        "        raise ValueError('simulated failure on rank 1')\n"
-        "    pipeline.Txt2Img.generate_batch = boom\n"
-        "from ldm.cli import main\n"
-        "sys.exit(main())\n"
-    )
+    wrapper = fail_rank1_script(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
