@@ -48,6 +48,7 @@ DEFAULTS = {
     "save_intermediates": False,
     "safety_checker": None, "no_safety_checker": False, "nsfw": "black", "watermark": "StableDiffusionV1",
     "no_watermark": False, "verbose": False,
+    "original_size": None, "crop_coords": None, "aesthetic_score": None,  # SDXL's size conditioning
 }
 DEMO_PRESET = {"config": DEMO_CONFIG, "ckpt": DEMO_CKPT, "H": 64, "W": 64}
 SAMPLER_FLAGS = ("sampler", "plms", "dpm_solver")  # one choice: a layer that sets any of them replaces all three
@@ -65,6 +66,20 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         """One line, no usage dump: `txt2img: error: ...`, exit status 2."""
         raise UsageError(message)
+
+
+def _pair(flag):
+    """argparse type of "A,B" flags: two integers (ldm.conditioning.parse_pair), one-line errors."""
+
+    def parse(text):
+        from .conditioning import parse_pair
+
+        try:
+            return parse_pair(flag, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,8 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batched", action="store_true",
                    help="sample the --n_samples images of a batch through the model together: faster on a GPU, but an "
                         "image then matches its regeneration alone only up to rounding (default: one at a time, exact)")
-    g.add_argument("--H", type=int, help="image height in pixels (default 768 for v-prediction models, else 512)")
-    g.add_argument("--W", type=int, help="image width in pixels (default 768 for v-prediction models, else 512)")
+    g.add_argument("--H", type=int,
+                   help="image height in pixels (default 1024 for SDXL, 768 for v-prediction models, else 512)")
+    g.add_argument("--W", type=int,
+                   help="image width in pixels (default 1024 for SDXL, 768 for v-prediction models, else 512)")
+    g.add_argument("--original_size", type=_pair("original_size"), metavar="H,W",
+                   help="SDXL size conditioning: the original image size the model is told (default: --H,--W)")
+    g.add_argument("--crop_coords", type=_pair("crop_coords"), metavar="TOP,LEFT",
+                   help="SDXL size conditioning: the top-left crop coordinates the model is told (default 0,0)")
+    g.add_argument("--aesthetic_score", type=float,
+                   help="SDXL refiner conditioning: the aesthetic score of the prompt (default 6.0; the negative "
+                        "prompt gets 2.5)")
     g.add_argument("--C", type=int, help=f"latent channels (default {d['C']})")
     g.add_argument("--f", type=int, help=f"downsampling factor of the autoencoder (default {d['f']})")
 
@@ -404,7 +428,8 @@ def _run(explicit: dict) -> int:
 
     opts = Options(sampler=resolve_sampler(args), steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta,
                    H=args.H, W=args.W, C=args.C, f=args.f, emphasis=not args.no_emphasis,
-                   intermediates=args.save_intermediates, batched=args.batched)
+                   intermediates=args.save_intermediates, batched=args.batched, original_size=args.original_size,
+                   crop_coords=args.crop_coords, aesthetic_score=args.aesthetic_score)
     checks.check_flags(args)  # finite, in range, a known device form: after --from_png filled in its values
     opts.validate()
     if args.from_file:
