@@ -441,3 +441,41 @@ def load_model(config, ckpt, device="cpu", dtype=torch.float32, use_ema=False):
                                   f"(shape {list(scale.shape)}, {scale.dtype})")
         model.scale_factor = float(scale)
     return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- a standalone VAE
+
+VAE = "first_stage_model."
+_VAE_TRAINING = ("loss.", "model_ema.")  # a training checkpoint's discriminator and EMA state
+
+
+def vae_weights(sd):
+    """A VAE file's weights in the autoencoder's own key layout (`encoder.*`, `decoder.*`, `quant_conv.*`,
+    `post_quant_conv.*`): a bare VAE file as it is, a whole-model file's `first_stage_model.*` keys unprefixed."""
+    if any(k.startswith(VAE) for k in sd):
+        sd = {k[len(VAE):]: v for k, v in sd.items() if k.startswith(VAE)}
+    return {k: v for k, v in sd.items() if not k.startswith(_VAE_TRAINING)}
+
+
+def load_vae(model, path):
+    """Replace the weights of `model.first_stage_model` with those of the VAE file `path` (any family:
+    SD v1's ft-MSE VAE, SDXL's fp16-fix VAE in the original layout...), in the model's dtype and device."""
+    vae = model.first_stage_model
+    expected = vae.state_dict()
+    weights = vae_weights(read_state_dict(path))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(weights) if weights[k].shape != expected[k].shape
+                   or not weights[k].is_floating_point())
+    if missing or unexpected or wrong:
+        if any(".up_blocks." in k or k.startswith(("up_blocks.", "mid_block.")) or ".mid_block." in k for k in weights):
+            cause = "it is in diffusers' layout; use a VAE file in the original single-file layout"
+        else:
+            cause = "it is not an autoencoder of this model's size"
+        first = (missing or unexpected or wrong)[0]
+        raise CheckpointError(f"--vae {path}: {len(missing)} missing, {len(unexpected)} unexpected and {len(wrong)} "
+                              f"mismatched key(s) (first: {first if str(first).isprintable() else repr(first)}): {cause}")
+    p = next(vae.parameters())
+    vae.load_state_dict({k: v.to(device=p.device, dtype=p.dtype) for k, v in weights.items()}, strict=True, assign=True)
+    log.info("VAE weights from %s", path)
+    return model

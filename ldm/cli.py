@@ -49,6 +49,7 @@ DEFAULTS = {
     "safety_checker": None, "no_safety_checker": False, "nsfw": "black", "watermark": "StableDiffusionV1",
     "no_watermark": False, "verbose": False,
     "original_size": None, "crop_coords": None, "aesthetic_score": None,  # SDXL's size conditioning
+    "vae": None, "refiner": None, "refiner_switch": 0.8,
 }
 DEMO_PRESET = {"config": DEMO_CONFIG, "ckpt": DEMO_CKPT, "H": 64, "W": 64}
 SAMPLER_FLAGS = ("sampler", "plms", "dpm_solver")  # one choice: a layer that sets any of them replaces all three
@@ -156,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--demo", action="store_true",
                    help=f"the bundled demo model: --config {DEMO_CONFIG} --ckpt {DEMO_CKPT} --H 64 --W 64")
     g.add_argument("--use_ema", action="store_true", help="use the checkpoint's EMA weights of the UNet")
+    g.add_argument("--vae", type=str,
+                   help="a VAE file (.ckpt or .safetensors, original layout, bare or first_stage_model.* keys) whose "
+                        "weights replace the checkpoint's autoencoder")
+    g.add_argument("--refiner", type=str,
+                   help="an SDXL refiner checkpoint that takes over the denoising at --refiner_switch (config detected)")
+    g.add_argument("--refiner_switch", type=float,
+                   help="fraction of the denoising done by --ckpt before --refiner takes over (default 0.8)")
     g.add_argument("--device", type=str, help="cpu, cuda, cuda:1, mps (default: the best available)")
     g.add_argument("--precision", type=str, choices=["full", "autocast", "half", "bf16"],
                    help="autocast: fp16 compute on CUDA, no-op elsewhere; half: fp16 weights on a GPU "
@@ -503,7 +511,8 @@ def _load(args, explicit, config, ckpt, opts, world, png_meta):
                                       prepack_latent_size=opts.latent_shape()[1:])
     pipe = pipeline.Txt2Img.from_files(config, ckpt, device=device, precision=args.precision, use_ema=args.use_ema,
                                        safety_checker=checker, nsfw=args.nsfw, backend=backend,
-                                       parameterization=args.parameterization)
+                                       parameterization=args.parameterization, vae=args.vae, refiner=args.refiner,
+                                       refiner_switch=args.refiner_switch)
     if pipe.detection is not None:
         notice(pipe.detection.message)
     for name in args.auto_size:

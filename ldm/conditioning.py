@@ -86,6 +86,14 @@ def guided_denoiser(eps_model, cond, uncond, scale: float, fans_out: bool = Fals
     return eps_fn
 
 
+def hand_over(first, second, switch: float, num_timesteps: int = 1000):
+    """One denoiser from two: `first` at timesteps t >= (1 - switch) * num_timesteps, `second` below (the
+    SDXL refiner's ensemble of experts; diffusers' denoising_end / denoising_start split by timestep). Both
+    models predict on the same schedule, so one sampler run hands the latent over at that point."""
+    cutoff = round(num_timesteps * (1 - switch))
+    return lambda x, t: (first if float(torch.as_tensor(t).flatten()[0]) >= cutoff else second)(x, t)
+
+
 def parse_pair(flag: str, text: str) -> tuple[int, int]:
     """"H,W" (or "TOP,LEFT") -> two integers; ValueError in one line otherwise."""
     parts = str(text).replace("x", ",").split(",")

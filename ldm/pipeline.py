@@ -230,17 +230,23 @@ class Txt2Img:
         self._chunks = _LRU(self.PROMPT_CACHE)  # (text, emphasis) -> PromptChunks
         self._embeddings = _LRU(self.PROMPT_CACHE)  # (text, emphasis, n_chunks) -> (1, 77 * n_chunks, D)
         self.detection = None  # what ldm.detect chose, when the config was not given (see from_files)
+        # (Txt2Img, switch): a second model denoising from the fraction `switch` of the schedule on
+        # (SDXL's ensemble of experts), or None
+        self.refiner = None
 
     @classmethod
     def from_files(cls, config=None, ckpt=DEFAULT_CKPT, device=None, precision="autocast", use_ema=False,
                    hash_model=True, parameterization=None, backend=None, cuda_graphs=False, compile=False,
-                   **kwargs) -> Txt2Img:
+                   vae=None, refiner=None, refiner_switch=0.8, refiner_config=None, **kwargs) -> Txt2Img:
         """Load the model of `config` with the weights of `ckpt` (local files only, nothing downloaded)
         on `device` (default: the best available) in the weight dtype of `precision`.
 
         With `config=None` the bundled config is chosen from the checkpoint's keys, and for SD 2.x
         whether it predicts eps or v from one UNet evaluation (`ldm.detect`; `pipe.detection` says
         what was chosen). `parameterization` ("eps" or "v") overrides the config's and skips that test.
+        `vae`: a VAE file whose weights replace the checkpoint's autoencoder (ldm.checkpoint.load_vae).
+        `refiner`: a second checkpoint (the SDXL refiner) that takes over the denoising for the last
+        1 - `refiner_switch` of it (see `Txt2Img.refiner`), loaded with `refiner_config` (default: detected).
         """
         device = pick_device(device)
         dtype, _, _ = resolve_precision(device, precision)
@@ -256,6 +262,10 @@ class Txt2Img:
         config_dict = load_config(repo_path(config))
         t0 = time.perf_counter()
         model = load_model(config_dict, ckpt, device=device, dtype=dtype, use_ema=use_ema)
+        if vae is not None:
+            from .checkpoint import load_vae
+
+            load_vae(model, repo_path(vae))
         log.info("loaded %s in %.1f s", ckpt, time.perf_counter() - t0)
         model_hash = checkpoint_hash(ckpt) if hash_model else None
         backend = backend or BackendOptions()
@@ -265,6 +275,12 @@ class Txt2Img:
             pipe.detection = detect.resolve_parameterization(pipe.model, detection, parameterization)
         if pipe.detection is not None:
             log.info(pipe.detection.message)
+        if refiner is not None:
+            checks.number("refiner_switch", refiner_switch, minimum=0, maximum=1)
+            second = cls.from_files(refiner_config, refiner, device=device, precision=precision, hash_model=False, backend=backend)
+            if (second.model.channels, latent_factor(second.model)) != (pipe.model.channels, latent_factor(pipe.model)):
+                raise ValueError(f"--refiner {refiner}: its latent space differs from the model's")
+            pipe.refiner = (second, float(refiner_switch))
         return pipe
 
     @property
@@ -365,7 +381,11 @@ class Txt2Img:
         """The final latents of items sampled together. `callback(i, x_t, x0_pred)` after every step;
         the step noise of a stochastic sampler comes from the first item's seed."""
         generator = torch.Generator("cpu").manual_seed(items[0].seed)
-        return run_sampler(opts.sampler, self.guided_denoiser(items, opts), self.start_noise(items, opts),
+        denoiser = self.guided_denoiser(items, opts)
+        if self.refiner is not None:
+            second, switch = self.refiner
+            denoiser = xl.hand_over(denoiser, second.guided_denoiser(items, opts), switch, self.model.num_timesteps)
+        return run_sampler(opts.sampler, denoiser, self.start_noise(items, opts),
                            self.model.alphas_cumprod, opts.steps, generator=generator, callback=callback, eta=opts.eta,
                            parameterization=getattr(self.model, "parameterization", "eps"))
 

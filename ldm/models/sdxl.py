@@ -187,11 +187,18 @@ class GeneralConditioner(nn.Module):
             embedder.input_key = key
             embedders.append(embedder)
         self.embedders = nn.ModuleList(embedders)
-        self.text_encoders = [e for e in embedders if e.input_key == TEXT_KEY]
         pooled = [e for e in self.text_encoders if getattr(e, "return_pooled", False)]
         if not self.text_encoders or len(pooled) > 1:
             raise ValueError("GeneralConditioner: expected text embedders with at most one pooled output")
-        self.pooled_encoder = pooled[0] if pooled else None
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        return [e for e in self.embedders if e.input_key == TEXT_KEY]
+
+    @property
+    def pooled_encoder(self):
+        """The text embedder whose pooled output goes into y (bigG), or None."""
+        return next((e for e in self.text_encoders if getattr(e, "return_pooled", False)), None)
 
     @property
     def size_keys(self) -> list[str]:
@@ -217,8 +224,8 @@ class GeneralConditioner(nn.Module):
         return hidden, pooled
 
     def vector(self, pooled, sizes: dict):
-        """y [B, adm]: pooled [B, P] ++ the embedding of each size input, in config order."""
-        parts = [] if pooled is None else [pooled]
+        """y [B, adm]: pooled [B, P] ++ the embedding of each size input ({input_key: numbers}), in config order."""
+        parts = [pooled]
         for e in self.embedders:
             if e.input_key != TEXT_KEY:
                 value = torch.as_tensor(sizes[e.input_key], dtype=torch.float32, device=pooled.device)
