@@ -231,7 +231,8 @@ def png_settings(path, explicit: dict) -> tuple[dict, dict]:
 
     meta = metadata.options_from_parameters(read_parameters(path))
     names = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "ddim_steps", "scale": "scale",
-             "seed": "seed", "H": "H", "W": "W", "eta": "ddim_eta", "sampler": "sampler"}
+             "seed": "seed", "H": "H", "W": "W", "eta": "ddim_eta", "sampler": "sampler",
+             "original_size": "original_size", "crop_coords": "crop_coords", "aesthetic_score": "aesthetic_score"}
     layer = {dest: meta[key] for key, dest in names.items() if key in meta}
     layer.update(no_emphasis=not meta["emphasis"], n_samples=1, n_iter=1)
     if meta.get("model_hash") and "ckpt" not in explicit:

@@ -447,9 +447,78 @@ def test_cli_writes_images_from_a_float16_sdxl_file(which, tmp_path, monkeypatch
     assert code == 0, err
     image = np.asarray(Image.open(tmp_path / "samples" / "00000.png"))
     assert image.shape == (64, 96, 3) and image.std() > 0
+    from ldm.images import read_parameters
+
+    text = read_parameters(tmp_path / "samples" / "00000.png")
+    recorded = "Aesthetic score: 7" if which == "refiner" else "Original size: 512x512, Crop coords: 0,32"
+    assert recorded in text
+    # --from_png restores the size conditioning: the same pixels again
+    code, out, err = run_cli(["--config", config, "--ckpt", ckpt, "--from_png", tmp_path / "samples" / "00000.png",
+                              "--outdir", tmp_path / "again", "--no_safety_checker", "--no_watermark"])
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again" / "samples" / "00000.png")), image)
 
 
 def test_cli_refuses_bad_size_flags_in_one_line(tmp_path):
     for flag, value, message in (("--original_size", "big", "two integers"), ("--aesthetic_score", "nan", "finite")):
         code, _, err = run_cli(["--ckpt", tmp_path / "none.safetensors", flag, value, "--outdir", tmp_path])
         assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+# ----------------------------------------------------------------------------- --vae and the refiner
+
+
+@pytest.mark.parametrize("layout", ["bare", "prefixed"])
+def test_vae_file_replaces_the_autoencoder(layout, tiny_files, tmp_path):
+    """A standalone VAE (bare keys, or a whole-model file's first_stage_model.*) replaces the checkpoint's,
+    stored in float16, loaded in the model's float32; SD v1 takes one the same way."""
+    from helpers import write_tiny_model
+
+    from ldm.checkpoint import CheckpointError, load_vae
+
+    config, ckpt = tiny_files["base"]
+    other = randomize_(build_model(tiny_sdxl(), "cpu"), seed=11).first_stage_model.state_dict()
+    prefix = "first_stage_model." if layout == "prefixed" else ""
+    path = tmp_path / "vae.safetensors"
+    save_file({prefix + k: v.half().contiguous() for k, v in other.items()} | (
+        {"model.diffusion_model.out.2.bias": torch.zeros(4)} if prefix else {}), str(path))
+    model = load_vae(load_model(load_config(config), ckpt), path)
+    for k, v in model.first_stage_model.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, other[k].half().float()), k
+    v1_config, v1_ckpt = write_tiny_model(tmp_path)  # the v1 tiny autoencoder has the same size
+    v1 = load_vae(load_model(load_config(v1_config), v1_ckpt), path)
+    assert torch.equal(v1.first_stage_model.decoder.conv_out.weight, other["decoder.conv_out.weight"].half().float())
+    diffusers_layout = tmp_path / "diffusers_vae.safetensors"
+    save_file({"decoder.up_blocks.0.resnets.0.conv1.weight": torch.zeros(1)}, str(diffusers_layout))
+    with pytest.raises(CheckpointError, match="diffusers' layout"):
+        load_vae(model, diffusers_layout)
+
+
+@torch.no_grad()
+def test_refiner_takes_over_at_the_switch(tiny_files):
+    """--refiner: the base denoises t >= (1 - switch) * 1000, the refiner below, in one sampler run; switch 1
+    is the base alone, switch 0 the refiner alone."""
+    from ldm.pipeline import Options, Txt2Img
+    from ldm.planning import WorkItem
+
+    (base_config, base_ckpt), (ref_config, ref_ckpt) = tiny_files["base"], tiny_files["refiner"]
+
+    def make(switch=None):
+        extra = dict(refiner=ref_ckpt, refiner_config=ref_config, refiner_switch=switch) if switch is not None else {}
+        return Txt2Img.from_files(base_config, base_ckpt, device="cpu", precision="full", hash_model=False, **extra)
+
+    item = WorkItem(index=0, prompt="a fox", negative_prompt="", seed=5)
+    opts = Options(sampler="ddim", steps=6, H=64, W=64, scale=4.0)
+    pipe = make(0.5)
+    calls = []
+    for name, p in (("base", pipe), ("refiner", pipe.refiner[0])):
+        eps = p._eps_model
+        p._eps_model = lambda x, t, c, y=None, eps=eps, name=name: calls.append((name, int(t[0]))) or eps(x, t, c, y)
+    both = pipe.sample([item], opts)
+    assert {n for n, t in calls if t >= 500} == {"base"} and {n for n, t in calls if t < 500} == {"refiner"}
+    assert len(calls) == 6
+    alone = make().sample([item], opts)
+    assert torch.equal(make(1.0).sample([item], opts), alone)
+    assert not torch.allclose(both, alone)
+    refiner_alone = make(0.0)
+    assert torch.equal(refiner_alone.sample([item], opts), refiner_alone.refiner[0].sample([item], opts))
