@@ -29,7 +29,7 @@ UNET = "model.diffusion_model."
 CLIP = "cond_stage_model.transformer."
 COND = "cond_stage_model."
 POSITION_IDS = CLIP + "text_model.embeddings.position_ids"
-POSITION_IDS_SUFFIX = "text_model.embeddings.position_ids"  # of every CLIP text encoder (SDXL: conditioner.embedders.0.)
+POSITION_IDS_SUFFIX = "text_model.embeddings.position_ids"  # of every CLIP text encoder (SDXL's embedders.0 too)
 EMA = "model_ema."
 
 # Keys of training state that some checkpoints carry and inference does not use.
@@ -473,8 +473,9 @@ def load_vae(model, path):
         else:
             cause = "it is not an autoencoder of this model's size"
         first = (missing or unexpected or wrong)[0]
+        first = first if str(first).isprintable() else repr(first)
         raise CheckpointError(f"--vae {path}: {len(missing)} missing, {len(unexpected)} unexpected and {len(wrong)} "
-                              f"mismatched key(s) (first: {first if str(first).isprintable() else repr(first)}): {cause}")
+                              f"mismatched key(s) (first: {first}): {cause}")
     p = next(vae.parameters())
     vae.load_state_dict({k: v.to(device=p.device, dtype=p.dtype) for k, v in weights.items()}, strict=True, assign=True)
     log.info("VAE weights from %s", path)

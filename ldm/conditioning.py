@@ -107,7 +107,8 @@ def parse_pair(flag: str, text: str) -> tuple[int, int]:
 def check_options(original_size=None, crop_coords=None, aesthetic_score=None) -> None:
     """ValueError (one line) for size conditioning values no model was trained on."""
     if original_size is not None:
-        if len(original_size) != 2 or not all(isinstance(v, int) and 0 < v <= MAX_SIZE_CONDITION for v in original_size):
+        if len(original_size) != 2 or not all(isinstance(v, int) and 0 < v <= MAX_SIZE_CONDITION
+                                                  for v in original_size):
             raise ValueError(f"--original_size must be two integers in 1..{MAX_SIZE_CONDITION}, got {original_size}")
     if crop_coords is not None:
         if len(crop_coords) != 2 or not all(isinstance(v, int) and 0 <= v <= MAX_SIZE_CONDITION for v in crop_coords):

@@ -277,7 +277,8 @@ class Txt2Img:
             log.info(pipe.detection.message)
         if refiner is not None:
             checks.number("refiner_switch", refiner_switch, minimum=0, maximum=1)
-            second = cls.from_files(refiner_config, refiner, device=device, precision=precision, hash_model=False, backend=backend)
+            second = cls.from_files(refiner_config, refiner, device=device, precision=precision, hash_model=False,
+                                    backend=backend)
             if (second.model.channels, latent_factor(second.model)) != (pipe.model.channels, latent_factor(pipe.model)):
                 raise ValueError(f"--refiner {refiner}: its latent space differs from the model's")
             pipe.refiner = (second, float(refiner_switch))

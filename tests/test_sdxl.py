@@ -176,8 +176,8 @@ def test_full_size_layout_maps_one_to_one_onto_diffusers_and_transformers(which)
     sd = weights_only(model)
     count = lambda p: sum(k.startswith(p) for k in sd)  # noqa: E731
     if which == "base":
-        assert (count("model.diffusion_model."), count("first_stage_model."), count("conditioner.embedders.0.transformer."),
-                count("conditioner.embedders.1.model.")) == (1680, 248, 197, 390)  # 2515 keys, as sd_xl_base_1.0
+        parts = ("model.diffusion_model.", "first_stage_model.", CLIP_L, "conditioner.embedders.1.model.")
+        assert [count(p) for p in parts] == [1680, 248, 197, 390]  # 2515 keys, as sd_xl_base_1.0.safetensors
         assert sum(v.numel() for k, v in sd.items() if k.startswith("model.diffusion_model.")) == 2_567_463_684
     else:
         assert (count("first_stage_model."), count("conditioner.embedders.0.model.")) == (248, 390)
