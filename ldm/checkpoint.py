@@ -422,9 +422,15 @@ def load_model(config, ckpt, device="cpu", dtype=torch.float32, use_ema=False):
     # position_ids: some files hold them as floats (or drifted); the canonical values are exact.
     for key in [k for k in weights if k.endswith(POSITION_IDS_SUFFIX)]:
         weights[key] = torch.arange(weights[key].shape[-1], dtype=torch.long)[None]
+    from .backends.memory import private_file_mappings, release_file_pages
+
+    mappings = None
     for key, value in weights.items():
         if value.is_floating_point() and value.dtype != dtype:
-            value = value.to(dtype)
+            source, value = value, value.to(dtype)
+            if source.device.type == "cpu":  # a float16 file loaded in float32: its pages are not read again
+                mappings = private_file_mappings() if mappings is None else mappings
+                release_file_pages(source, mappings)
         weights[key] = value.to(device)
     model.reset_schedule(device)
     weights.update({name: getattr(model, name) for name in SCHEDULE_BUFFERS})
