@@ -63,7 +63,7 @@ def random_state_dict(config=V1_CONFIG, seed=0, global_step=470000, dtype=torch.
             sd[name] = torch.randn(p.shape, generator=g).mul_(0.2).add_(1.0)
         elif "." in name:  # biases
             sd[name] = torch.randn(p.shape, generator=g).mul_(0.2)
-        if sd[name].is_floating_point():
+        if name in sd and sd[name].is_floating_point():
             sd[name] = sd[name].to(dtype)
     if hasattr(model, "conditioner"):  # SDXL files hold the weights alone
         return sd

@@ -438,9 +438,17 @@ def run_cli(args):
 
 @pytest.mark.parametrize("which", ["base", "refiner"])
 def test_cli_writes_images_from_a_float16_sdxl_file(which, tmp_path, monkeypatch):
-    """End to end on a random-weight tiny SDXL file stored in float16 (as the released ones), size flags set."""
+    """End to end on a random-weight tiny SDXL file written by the bench script (float16, the original layout,
+    as the released files), size flags set; --from_png then restores them."""
+    from bench.make_checkpoint import random_state_dict
+
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    config, ckpt = write_tiny(tmp_path, refiner=which == "refiner", dtype=torch.float16)
+    cfg = tiny_sdxl(which == "refiner")
+    config, ckpt = tmp_path / "tiny.yaml", tmp_path / "tiny.safetensors"
+    OmegaConf.save(OmegaConf.create(cfg), config)
+    sd = random_state_dict(cfg, seed=5, dtype=torch.float16)
+    assert not any(k in sd for k in SCHEDULE_BUFFERS) and sd["model.diffusion_model.out.2.weight"].dtype == torch.float16
+    save_file(sd, str(ckpt))
     extra = ["--aesthetic_score", 7] if which == "refiner" else ["--original_size", "512,512", "--crop_coords", "0,32"]
     code, out, err = run_cli(["--config", config, "--ckpt", ckpt, "--ddim_steps", 2, "--outdir", tmp_path,
                               "--no_safety_checker", "--no_watermark", "--n_samples", 1, "--n_iter", 1,
