@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and device")
     g.add_argument("--config", type=str,
                    help="model config YAML (default: chosen from the checkpoint: SD v1 -> "
-                        f"{DEFAULT_CONFIG}, SD 2.x -> configs/stable-diffusion/v2-inference.yaml or v2-inference-v.yaml)")
+                        f"{DEFAULT_CONFIG}, SD 2.x -> configs/stable-diffusion/v2-inference.yaml or v2-inference-v.yaml, "
+                        "SDXL -> configs/sdxl/sd_xl_base.yaml or sd_xl_refiner.yaml)")
     g.add_argument("--parameterization", choices=["eps", "v"],
                    help="what the UNet predicts, overriding the config: eps (SD v1, SD 2.x 512-base) or v (SD 2.x "
                         "768-v); without it and without --config, an SD 2.x model is told apart by one UNet evaluation")

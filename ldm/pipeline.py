@@ -449,7 +449,11 @@ class Txt2Img:
 
     def settings(self, item: WorkItem, opts: Options) -> dict:
         """The web UI's settings line of one image, as an ordered dict."""
-        return settings(item, opts, self.model_name, self.model_hash)
+        line = settings(item, opts, self.model_name, self.model_hash)
+        if self.refiner is not None:  # as the web UI writes an SDXL refiner
+            line["Refiner"] = self.refiner[0].model_name
+            line["Refiner switch at"] = f"{self.refiner[1]:g}"
+        return line
 
     # --- the whole run
 

@@ -531,3 +531,5 @@ def test_refiner_takes_over_at_the_switch(tiny_files):
     assert not torch.allclose(both, alone)
     refiner_alone = make(0.0)
     assert torch.equal(refiner_alone.sample([item], opts), refiner_alone.refiner[0].sample([item], opts))
+    line = pipe.settings(item, opts)
+    assert (line["Refiner"], line["Refiner switch at"]) == (ref_ckpt.stem, "0.5")
