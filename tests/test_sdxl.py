@@ -533,3 +533,25 @@ def test_refiner_takes_over_at_the_switch(tiny_files):
     assert torch.equal(refiner_alone.sample([item], opts), refiner_alone.refiner[0].sample([item], opts))
     line = pipe.settings(item, opts)
     assert (line["Refiner"], line["Refiner switch at"]) == (ref_ckpt.stem, "0.5")
+
+
+def test_cli_vae_flag(tiny_files, tmp_path, monkeypatch):
+    """--vae changes the decoded image; a VAE file in diffusers' layout is refused in one line."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    config, ckpt = tiny_files["base"]
+    other = randomize_(build_model(tiny_sdxl(), "cpu"), seed=12).first_stage_model.state_dict()
+    vae = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in other.items()}, str(vae))
+    bad = tmp_path / "diffusers_vae.safetensors"
+    save_file({"decoder.mid_block.resnets.0.conv1.weight": torch.zeros(1)}, str(bad))
+    images = []
+    for name, extra in (("plain", []), ("vae", ["--vae", vae])):
+        code, _, err = run_cli(["--config", config, "--ckpt", ckpt, "--ddim_steps", 1, "--outdir", tmp_path / name,
+                                "--no_safety_checker", "--no_watermark", "--n_samples", 1, "--n_iter", 1,
+                                "--H", 64, "--W", 64, *extra])
+        assert code == 0, err
+        images.append(np.asarray(Image.open(tmp_path / name / "samples" / "00000.png")))
+    assert not np.array_equal(*images)
+    code, _, err = run_cli(["--config", config, "--ckpt", ckpt, "--vae", bad, "--outdir", tmp_path / "bad",
+                            "--no_safety_checker", "--n_samples", 1, "--n_iter", 1, "--H", 64, "--W", 64])
+    assert code != 0 and "diffusers' layout" in err and len(err.strip().splitlines()) == 1, err
