@@ -167,6 +167,7 @@ def _text_layouts(sd, bigg_prefix):
     return out
 
 
+@pytest.mark.slow  # about 6 s: the full models on the meta device, ours and theirs
 @pytest.mark.parametrize("which", ["base", "refiner"])
 def test_full_size_layout_maps_one_to_one_onto_diffusers_and_transformers(which):
     """The full base (2.6 G UNet params) and refiner on the meta device: every UNet, VAE and text-encoder
