@@ -29,10 +29,12 @@ UNET = "model.diffusion_model."
 CLIP = "cond_stage_model.transformer."
 COND = "cond_stage_model."
 POSITION_IDS = CLIP + "text_model.embeddings.position_ids"
+POSITION_IDS_SUFFIX = "text_model.embeddings.position_ids"  # of every CLIP text encoder (SDXL's embedders.0 too)
 EMA = "model_ema."
 
 # Keys of training state that some checkpoints carry and inference does not use.
-IGNORED_KEYS = ("model_ema.decay", "model_ema.num_updates", "lvlb_weights", "logvar", "cond_ids")
+IGNORED_KEYS = ("model_ema.decay", "model_ema.num_updates", "lvlb_weights", "logvar", "cond_ids",
+                "denoiser.sigmas")  # SDXL's: derived from the schedule
 
 
 class CheckpointError(ValueError):
@@ -322,6 +324,9 @@ def _guess_cause(missing, unexpected, wrong_shapes):
         return ("this looks like a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder, cross-attention context "
                 "1024 instead of 768): load it with configs/stable-diffusion/v2-inference.yaml (v2-inference-v.yaml for "
                 "768-v models), or give no --config to have the model detected")
+    if any(k.startswith("conditioner.embedders.") for k in unexpected):
+        return ("this looks like a Stable Diffusion XL checkpoint: load it with configs/sdxl/sd_xl_base.yaml "
+                "(sd_xl_refiner.yaml for the refiner), or give no --config to have the model detected")
     first = shapes.get(UNET + "input_blocks.0.0.weight")
     if first and first[0][1] == 9:
         return "this looks like an inpainting checkpoint (9 input channels), which txt2img does not run"
@@ -344,7 +349,7 @@ def check_keys(model_sd, weights):
              for k in sorted(set(expected) & set(weights)) if weights[k].shape != expected[k].shape]
     # A float weight stored as integers or booleans is no weight (position_ids are remade, any dtype goes).
     kinds = [(k, weights[k].dtype) for k in sorted(set(expected) & set(weights))
-             if k != POSITION_IDS and expected[k].is_floating_point() and not weights[k].is_floating_point()]
+             if not k.endswith(POSITION_IDS_SUFFIX) and expected[k].is_floating_point() and not weights[k].is_floating_point()]
     if not (missing or unexpected or wrong or kinds):
         return
 
@@ -400,9 +405,10 @@ def load_model(config, ckpt, device="cpu", dtype=torch.float32, use_ema=False):
     raw = read_state_dict(ckpt)
     weights, extras = normalize_state_dict(raw, use_ema=use_ema)
     model_sd = model.state_dict()
-    if POSITION_IDS in model_sd:  # the v1 CLIP's; OpenCLIP (SD 2.x) has none
-        weights.setdefault(POSITION_IDS, torch.arange(model.cond_stage_model.max_length)[None])
-    unused = [COND + k for k in getattr(model.cond_stage_model, "unused_keys", list)() if COND + k not in weights]
+    for key in [k for k in model_sd if k.endswith(POSITION_IDS_SUFFIX)]:  # OpenAI CLIP's; OpenCLIP has none
+        weights.setdefault(key, torch.arange(model_sd[key].shape[-1])[None])
+    unused = [f"{name}.{k}" for name, m in model.named_modules() if hasattr(m, "unused_keys")
+              for k in m.unused_keys() if f"{name}.{k}" not in weights]
     if unused:  # e.g. a 2.x file converted back from diffusers: no last text block, projection or temperature
         log.info("the checkpoint lacks %d text-encoder weights that are never used; filled with zeros", len(unused))
         weights.update({k: torch.zeros(model_sd[k].shape, dtype=model_sd[k].dtype) for k in unused})
@@ -414,11 +420,17 @@ def load_model(config, ckpt, device="cpu", dtype=torch.float32, use_ema=False):
                                   f"{list(getattr(model, name).shape)} float in the model")
 
     # position_ids: some files hold them as floats (or drifted); the canonical values are exact.
-    if POSITION_IDS in weights:
-        weights[POSITION_IDS] = torch.arange(weights[POSITION_IDS].shape[-1], dtype=torch.long)[None]
+    for key in [k for k in weights if k.endswith(POSITION_IDS_SUFFIX)]:
+        weights[key] = torch.arange(weights[key].shape[-1], dtype=torch.long)[None]
+    from .backends.memory import private_file_mappings, release_file_pages
+
+    mappings = None
     for key, value in weights.items():
         if value.is_floating_point() and value.dtype != dtype:
-            value = value.to(dtype)
+            source, value = value, value.to(dtype)
+            if source.device.type == "cpu":  # a float16 file loaded in float32: its pages are not read again
+                mappings = private_file_mappings() if mappings is None else mappings
+                release_file_pages(source, mappings)
         weights[key] = value.to(device)
     model.reset_schedule(device)
     weights.update({name: getattr(model, name) for name in SCHEDULE_BUFFERS})
@@ -435,3 +447,42 @@ def load_model(config, ckpt, device="cpu", dtype=torch.float32, use_ema=False):
                                   f"(shape {list(scale.shape)}, {scale.dtype})")
         model.scale_factor = float(scale)
     return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- a standalone VAE
+
+VAE = "first_stage_model."
+_VAE_TRAINING = ("loss.", "model_ema.")  # a training checkpoint's discriminator and EMA state
+
+
+def vae_weights(sd):
+    """A VAE file's weights in the autoencoder's own key layout (`encoder.*`, `decoder.*`, `quant_conv.*`,
+    `post_quant_conv.*`): a bare VAE file as it is, a whole-model file's `first_stage_model.*` keys unprefixed."""
+    if any(k.startswith(VAE) for k in sd):
+        sd = {k[len(VAE):]: v for k, v in sd.items() if k.startswith(VAE)}
+    return {k: v for k, v in sd.items() if not k.startswith(_VAE_TRAINING)}
+
+
+def load_vae(model, path):
+    """Replace the weights of `model.first_stage_model` with those of the VAE file `path` (any family:
+    SD v1's ft-MSE VAE, SDXL's fp16-fix VAE in the original layout...), in the model's dtype and device."""
+    vae = model.first_stage_model
+    expected = vae.state_dict()
+    weights = vae_weights(read_state_dict(path))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(weights) if weights[k].shape != expected[k].shape
+                   or not weights[k].is_floating_point())
+    if missing or unexpected or wrong:
+        if any(".up_blocks." in k or k.startswith(("up_blocks.", "mid_block.")) or ".mid_block." in k for k in weights):
+            cause = "it is in diffusers' layout; use a VAE file in the original single-file layout"
+        else:
+            cause = "it is not an autoencoder of this model's size"
+        first = (missing or unexpected or wrong)[0]
+        first = first if str(first).isprintable() else repr(first)
+        raise CheckpointError(f"--vae {path}: {len(missing)} missing, {len(unexpected)} unexpected and {len(wrong)} "
+                              f"mismatched key(s) (first: {first}): {cause}")
+    p = next(vae.parameters())
+    vae.load_state_dict({k: v.to(device=p.device, dtype=p.dtype) for k, v in weights.items()}, strict=True, assign=True)
+    log.info("VAE weights from %s", path)
+    return model

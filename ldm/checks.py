@@ -61,6 +61,8 @@ RULES = {
     "C": lambda v: integer("C", v, maximum=1024),
     "f": lambda v: integer("f", v, maximum=1024),
     "seed": lambda v: integer("seed", v, minimum=0, maximum=SEED_LIMIT - 1),
+    "aesthetic_score": lambda v: number("aesthetic_score", v, minimum=0, maximum=10),
+    "refiner_switch": lambda v: number("refiner_switch", v, minimum=0, maximum=1),
     "device": device,
 }
 

@@ -48,6 +48,8 @@ DEFAULTS = {
     "save_intermediates": False,
     "safety_checker": None, "no_safety_checker": False, "nsfw": "black", "watermark": "StableDiffusionV1",
     "no_watermark": False, "verbose": False,
+    "original_size": None, "crop_coords": None, "aesthetic_score": None,  # SDXL's size conditioning
+    "vae": None, "refiner": None, "refiner_switch": 0.8,
 }
 DEMO_PRESET = {"config": DEMO_CONFIG, "ckpt": DEMO_CKPT, "H": 64, "W": 64}
 SAMPLER_FLAGS = ("sampler", "plms", "dpm_solver")  # one choice: a layer that sets any of them replaces all three
@@ -65,6 +67,20 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         """One line, no usage dump: `txt2img: error: ...`, exit status 2."""
         raise UsageError(message)
+
+
+def _pair(flag):
+    """argparse type of "A,B" flags: two integers (ldm.conditioning.parse_pair), one-line errors."""
+
+    def parse(text):
+        from .conditioning import parse_pair
+
+        try:
+            return parse_pair(flag, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,15 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batched", action="store_true",
                    help="sample the --n_samples images of a batch through the model together: faster on a GPU, but an "
                         "image then matches its regeneration alone only up to rounding (default: one at a time, exact)")
-    g.add_argument("--H", type=int, help="image height in pixels (default 768 for v-prediction models, else 512)")
-    g.add_argument("--W", type=int, help="image width in pixels (default 768 for v-prediction models, else 512)")
+    g.add_argument("--H", type=int,
+                   help="image height in pixels (default 1024 for SDXL, 768 for v-prediction models, else 512)")
+    g.add_argument("--W", type=int,
+                   help="image width in pixels (default 1024 for SDXL, 768 for v-prediction models, else 512)")
+    g.add_argument("--original_size", type=_pair("original_size"), metavar="H,W",
+                   help="SDXL size conditioning: the original image size the model is told (default: --H,--W)")
+    g.add_argument("--crop_coords", type=_pair("crop_coords"), metavar="TOP,LEFT",
+                   help="SDXL size conditioning: the top-left crop coordinates the model is told (default 0,0)")
+    g.add_argument("--aesthetic_score", type=float,
+                   help="SDXL refiner conditioning: the aesthetic score of the prompt (default 6.0; the negative "
+                        "prompt gets 2.5)")
     g.add_argument("--C", type=int, help=f"latent channels (default {d['C']})")
     g.add_argument("--f", type=int, help=f"downsampling factor of the autoencoder (default {d['f']})")
 
     g = p.add_argument_group("model and device")
     g.add_argument("--config", type=str,
                    help="model config YAML (default: chosen from the checkpoint: SD v1 -> "
-                        f"{DEFAULT_CONFIG}, SD 2.x -> configs/stable-diffusion/v2-inference.yaml or v2-inference-v.yaml)")
+                        f"{DEFAULT_CONFIG}, SD 2.x -> configs/stable-diffusion/v2-inference.yaml or v2-inference-v.yaml, "
+                        "SDXL -> configs/sdxl/sd_xl_base.yaml or sd_xl_refiner.yaml)")
     g.add_argument("--parameterization", choices=["eps", "v"],
                    help="what the UNet predicts, overriding the config: eps (SD v1, SD 2.x 512-base) or v (SD 2.x "
                         "768-v); without it and without --config, an SD 2.x model is told apart by one UNet evaluation")
@@ -132,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--demo", action="store_true",
                    help=f"the bundled demo model: --config {DEMO_CONFIG} --ckpt {DEMO_CKPT} --H 64 --W 64")
     g.add_argument("--use_ema", action="store_true", help="use the checkpoint's EMA weights of the UNet")
+    g.add_argument("--vae", type=str,
+                   help="a VAE file (.ckpt or .safetensors, original layout, bare or first_stage_model.* keys) whose "
+                        "weights replace the checkpoint's autoencoder")
+    g.add_argument("--refiner", type=str,
+                   help="an SDXL refiner checkpoint that takes over the denoising at --refiner_switch (config detected)")
+    g.add_argument("--refiner_switch", type=float,
+                   help="fraction of the denoising done by --ckpt before --refiner takes over (default 0.8)")
     g.add_argument("--device", type=str, help="cpu, cuda, cuda:1, mps (default: the best available)")
     g.add_argument("--precision", type=str, choices=["full", "autocast", "half", "bf16"],
                    help="autocast: fp16 compute on CUDA, no-op elsewhere; half: fp16 weights on a GPU "
@@ -199,7 +232,8 @@ def png_settings(path, explicit: dict) -> tuple[dict, dict]:
 
     meta = metadata.options_from_parameters(read_parameters(path))
     names = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "ddim_steps", "scale": "scale",
-             "seed": "seed", "H": "H", "W": "W", "eta": "ddim_eta", "sampler": "sampler"}
+             "seed": "seed", "H": "H", "W": "W", "eta": "ddim_eta", "sampler": "sampler",
+             "original_size": "original_size", "crop_coords": "crop_coords", "aesthetic_score": "aesthetic_score"}
     layer = {dest: meta[key] for key, dest in names.items() if key in meta}
     layer.update(no_emphasis=not meta["emphasis"], n_samples=1, n_iter=1)
     if meta.get("model_hash") and "ckpt" not in explicit:
@@ -399,7 +433,8 @@ def _run(explicit: dict) -> int:
 
     opts = Options(sampler=resolve_sampler(args), steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta,
                    H=args.H, W=args.W, C=args.C, f=args.f, emphasis=not args.no_emphasis,
-                   intermediates=args.save_intermediates, batched=args.batched)
+                   intermediates=args.save_intermediates, batched=args.batched, original_size=args.original_size,
+                   crop_coords=args.crop_coords, aesthetic_score=args.aesthetic_score)
     checks.check_flags(args)  # finite, in range, a known device form: after --from_png filled in its values
     opts.validate()
     if args.from_file:
@@ -473,7 +508,8 @@ def _load(args, explicit, config, ckpt, opts, world, png_meta):
                                       prepack_latent_size=opts.latent_shape()[1:])
     pipe = pipeline.Txt2Img.from_files(config, ckpt, device=device, precision=args.precision, use_ema=args.use_ema,
                                        safety_checker=checker, nsfw=args.nsfw, backend=backend,
-                                       parameterization=args.parameterization)
+                                       parameterization=args.parameterization, vae=args.vae, refiner=args.refiner,
+                                       refiner_switch=args.refiner_switch)
     if pipe.detection is not None:
         notice(pipe.detection.message)
     for name in args.auto_size:

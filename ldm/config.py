@@ -30,6 +30,19 @@ TARGETS = {
     "ldm.models.autoencoder.AutoencoderKL": ("ldm.models.autoencoder", "AutoencoderKL"),
     "ldm.modules.encoders.modules.FrozenCLIPEmbedder": ("ldm.models.clip", "FrozenCLIPEmbedder"),
     "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder": ("ldm.models.open_clip", "FrozenOpenCLIPEmbedder"),
+    # SDXL (generative-models' sgm package): configs/sdxl/*.yaml
+    "sgm.models.diffusion.DiffusionEngine": ("ldm.models.sdxl", "DiffusionEngine"),
+    "sgm.modules.GeneralConditioner": ("ldm.models.sdxl", "GeneralConditioner"),
+    "sgm.modules.encoders.modules.GeneralConditioner": ("ldm.models.sdxl", "GeneralConditioner"),
+    "sgm.modules.encoders.modules.FrozenCLIPEmbedder": ("ldm.models.sdxl", "FrozenCLIPEmbedder"),
+    "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2": ("ldm.models.sdxl", "FrozenOpenCLIPEmbedder2"),
+    "sgm.modules.encoders.modules.ConcatTimestepEmbedderND": ("ldm.models.sdxl", "ConcatTimestepEmbedderND"),
+    "sgm.models.autoencoder.AutoencoderKL": ("ldm.models.autoencoder", "AutoencoderKL"),
+    "sgm.models.autoencoder.AutoencoderKLInferenceWrapper": ("ldm.models.autoencoder", "AutoencoderKL"),
+    "sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser": ("ldm.models.sdxl", "DiscreteDenoiser"),
+    "sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling": ("ldm.models.sdxl", "EpsScaling"),
+    "sgm.modules.diffusionmodules.denoiser_scaling.VScaling": ("ldm.models.sdxl", "VScaling"),
+    "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization": ("ldm.models.sdxl", "LegacyDDPMDiscretization"),
 }
 
 ANY = object()  # an ignored parameter that may take any value
@@ -78,6 +91,15 @@ IGNORED = {
     },
     "ldm.modules.encoders.modules.FrozenCLIPEmbedder": {"device": ANY, "freeze": ANY, "layer": "last"},
 }
+# SDXL: the engine's training half (loss, sampler, optimizer) and run-time switches.
+IGNORED["sgm.models.diffusion.DiffusionEngine"] = {
+    "disable_first_stage_autocast": ANY, "sampler_config": ANY, "optimizer_config": ANY, "scheduler_config": ANY,
+    "loss_fn_config": ANY, "network_wrapper": ANY, "ckpt_path": ANY, "use_ema": ANY, "ema_decay_rate": ANY,
+    "input_key": ANY, "log_keys": ANY, "no_cond_log": ANY, "compile_model": ANY, "en_and_decode_n_samples_a_time": ANY,
+}
+for _vae in ("sgm.models.autoencoder.AutoencoderKL", "sgm.models.autoencoder.AutoencoderKLInferenceWrapper"):
+    IGNORED[_vae] = IGNORED["ldm.models.autoencoder.AutoencoderKL"]
+    IGNORED[_vae + "/ddconfig"] = IGNORED["ldm.models.autoencoder.AutoencoderKL/ddconfig"]
 
 
 def _accepts(expected, value):

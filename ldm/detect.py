@@ -1,10 +1,13 @@
-"""Which model a checkpoint holds, when no --config says: SD v1, SD 2.x (512, eps) or SD 2.x (768, v).
+"""Which model a checkpoint holds, when no --config says: SD v1, SD 2.x (512, eps), SD 2.x (768, v),
+SDXL base or SDXL refiner.
 
 The family comes from the keys and shapes alone, read without loading any weights (a
 .safetensors header, or the lazily memory-mapped tensors of a .ckpt):
 
     v1   `cond_stage_model.transformer.*` (OpenAI CLIP ViT-L/14), cross-attention context 768
     2.x  `cond_stage_model.model.*` (OpenCLIP ViT-H/14), cross-attention context 1024
+    XL   `conditioner.embedders.1.model.*` (OpenCLIP ViT-bigG/14 beside CLIP ViT-L/14); the refiner
+         has bigG alone, `conditioner.embedders.0.model.*`
 
 A 2.x file does not say whether its UNet predicts the noise eps (the 512 base models) or
 v = sqrt(a) eps - sqrt(1 - a) x0 (the 768 models). As the web UIs do, one UNet evaluation decides:
@@ -31,12 +34,19 @@ CONFIGS = {
     "v1": "configs/stable-diffusion/v1-inference.yaml",
     "v2": "configs/stable-diffusion/v2-inference.yaml",
     "v2-v": "configs/stable-diffusion/v2-inference-v.yaml",
+    "sdxl": "configs/sdxl/sd_xl_base.yaml",
+    "sdxl-refiner": "configs/sdxl/sd_xl_refiner.yaml",
 }
 DESCRIPTIONS = {
     "v1": "Stable Diffusion v1 (CLIP ViT-L/14, eps-prediction, 512x512)",
     "v2": "Stable Diffusion 2.x 512-base (OpenCLIP ViT-H/14, eps-prediction, 512x512)",
     "v2-v": "Stable Diffusion 2.x 768-v (OpenCLIP ViT-H/14, v-prediction, 768x768)",
+    "sdxl": "Stable Diffusion XL base (CLIP ViT-L/14 + OpenCLIP ViT-bigG/14, size conditioning, 1024x1024)",
+    "sdxl-refiner": "Stable Diffusion XL refiner (OpenCLIP ViT-bigG/14, aesthetic-score conditioning, 1024x1024)",
 }
+V2_KINDS = ("v2", "v2-v")  # the families whose parameterization one UNet evaluation decides
+SDXL_BIGG = "conditioner.embedders.1.model."  # the base's second text encoder
+SDXL_REFINER_BIGG = "conditioner.embedders.0.model."  # the refiner's only one
 V1_TEXT = "cond_stage_model.transformer."
 V2_TEXT = "cond_stage_model.model."
 SLOPE_THRESHOLD = 0.5
@@ -66,12 +76,16 @@ def _context_dim(shapes) -> int | None:
 
 
 def family(shapes) -> str | None:
-    """"v1" or "v2" from a checkpoint's {key: shape}; None when it is neither (the caller then
-    keeps the default config, and the loader explains the mismatch). CheckpointError for model
-    kinds txt2img knows it does not run."""
+    """"v1", "v2", "sdxl" or "sdxl-refiner" from a checkpoint's {key: shape}; None when it is none of
+    them (the caller then keeps the default config, and the loader explains the mismatch).
+    CheckpointError for model kinds txt2img knows it does not run."""
     if any(k.startswith("conditioner.embedders.") for k in shapes):
-        raise CheckpointError("this is a Stable Diffusion XL checkpoint, which txt2img does not run "
-                              "(it runs SD v1 and 2.x)")
+        if any(k.startswith(SDXL_BIGG) for k in shapes):
+            return "sdxl"
+        if any(k.startswith(SDXL_REFINER_BIGG) for k in shapes):
+            return "sdxl-refiner"
+        raise CheckpointError("this checkpoint has sgm-style conditioner keys but neither SDXL base nor refiner "
+                              "text encoders (conditioner.embedders.N.model.*): txt2img does not run it")
     first = shapes.get(UNET + "input_blocks.0.0.weight")
     if first is not None and len(first) == 4 and first[1] != 4:
         kind = {9: "an inpainting", 8: "an InstructPix2Pix", 5: "a depth-conditioned"}.get(first[1], "a non-txt2img")
@@ -140,11 +154,11 @@ def resolve_parameterization(model, detection: Detection | None, override: str |
         if override not in ("eps", "v"):
             raise ValueError(f"--parameterization must be eps or v, got {override!r}")
         model.parameterization = override
-        if detection is not None and detection.kind != "v1":
+        if detection is not None and detection.kind in V2_KINDS:
             kind = "v2-v" if override == "v" else "v2"
             detection = Detection(kind, CONFIGS[kind], f"{override}-prediction from --parameterization")
         return detection
-    if detection is None or detection.kind == "v1":
+    if detection is None or detection.kind not in V2_KINDS:
         return detection
     choice = parameterization(model)
     model.parameterization = choice

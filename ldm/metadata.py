@@ -38,6 +38,19 @@ def settings(item, opts, model_name: str, model_hash: str | None) -> dict:
         s["Eta"] = number(opts.eta)
     if not opts.emphasis:
         s["Emphasis"] = "None"
+    s.update(size_conditioning(opts))
+    return s
+
+
+def size_conditioning(opts) -> dict:
+    """SDXL's size conditioning where it is not the default (original size W x H like Size, crop top,left)."""
+    s = {}
+    if getattr(opts, "original_size", None) is not None:
+        s["Original size"] = f"{opts.original_size[1]}x{opts.original_size[0]}"
+    if getattr(opts, "crop_coords", None) is not None:
+        s["Crop coords"] = f"{opts.crop_coords[0]},{opts.crop_coords[1]}"
+    if getattr(opts, "aesthetic_score", None) is not None:
+        s["Aesthetic score"] = number(float(opts.aesthetic_score))
     return s
 
 
@@ -60,7 +73,8 @@ def sampler_from_label(label: str) -> str:
 
 def options_from_parameters(text: str) -> dict:
     """What a `parameters` text records, as keyword arguments of `Txt2Img.__call__` (prompt,
-    negative_prompt, steps, sampler, scale, seed, H, W, eta, emphasis) plus "model_hash" and
+    negative_prompt, steps, sampler, scale, seed, H, W, eta, emphasis; SDXL's original_size, crop_coords,
+    aesthetic_score when recorded) plus "model_hash" and
     "model" when present. ValueError when it lacks the seed or the steps."""
     meta = imagelib.parse_parameters(text)
     s = meta["settings"]
@@ -80,6 +94,14 @@ def options_from_parameters(text: str) -> dict:
             out["W"], out["H"] = int(w), int(h)
         if "Eta" in s:
             out["eta"] = float(s["Eta"])
+        if "Original size" in s:
+            w, h = s["Original size"].lower().split("x")
+            out["original_size"] = (int(h), int(w))
+        if "Crop coords" in s:
+            top, left = s["Crop coords"].split(",")
+            out["crop_coords"] = (int(top), int(left))
+        if "Aesthetic score" in s:
+            out["aesthetic_score"] = float(s["Aesthetic score"])
     except ValueError as e:
         if "unknown sampler" in str(e):
             raise

@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from . import checks, detect
+from . import conditioning as xl
 from . import images as imagelib
 from .backends import BackendOptions, fans_out, optimize
 from .checkpoint import CheckpointError, load_model
@@ -88,6 +89,10 @@ class Options:
     # kernels chosen by batch size make an image differ from its regeneration alone in rounding.
     # False (the default) runs them one at a time, so an image depends only on its own item.
     batched: bool = False
+    # SDXL's size conditioning (None: the defaults, see ldm.conditioning.size_conditioning)
+    original_size: tuple[int, int] | None = None
+    crop_coords: tuple[int, int] | None = None
+    aesthetic_score: float | None = None  # the refiner's
 
     def validate(self, model=None):
         """ValueError for anything a run cannot do; with a model, also its latent channels and factor."""
@@ -105,6 +110,7 @@ class Options:
         if self.eta is not None:
             checks.number("ddim_eta", self.eta)
         check_eta(sampler.name, self.eta)
+        xl.check_options(self.original_size, self.crop_coords, self.aesthetic_score)
         if model is not None:
             if self.C != model.channels:
                 raise ValueError(f"--C {self.C}: this model has {model.channels} latent channels")
@@ -224,17 +230,23 @@ class Txt2Img:
         self._chunks = _LRU(self.PROMPT_CACHE)  # (text, emphasis) -> PromptChunks
         self._embeddings = _LRU(self.PROMPT_CACHE)  # (text, emphasis, n_chunks) -> (1, 77 * n_chunks, D)
         self.detection = None  # what ldm.detect chose, when the config was not given (see from_files)
+        # (Txt2Img, switch): a second model denoising from the fraction `switch` of the schedule on
+        # (SDXL's ensemble of experts), or None
+        self.refiner = None
 
     @classmethod
     def from_files(cls, config=None, ckpt=DEFAULT_CKPT, device=None, precision="autocast", use_ema=False,
                    hash_model=True, parameterization=None, backend=None, cuda_graphs=False, compile=False,
-                   **kwargs) -> Txt2Img:
+                   vae=None, refiner=None, refiner_switch=0.8, refiner_config=None, **kwargs) -> Txt2Img:
         """Load the model of `config` with the weights of `ckpt` (local files only, nothing downloaded)
         on `device` (default: the best available) in the weight dtype of `precision`.
 
         With `config=None` the bundled config is chosen from the checkpoint's keys, and for SD 2.x
         whether it predicts eps or v from one UNet evaluation (`ldm.detect`; `pipe.detection` says
         what was chosen). `parameterization` ("eps" or "v") overrides the config's and skips that test.
+        `vae`: a VAE file whose weights replace the checkpoint's autoencoder (ldm.checkpoint.load_vae).
+        `refiner`: a second checkpoint (the SDXL refiner) that takes over the denoising for the last
+        1 - `refiner_switch` of it (see `Txt2Img.refiner`), loaded with `refiner_config` (default: detected).
         """
         device = pick_device(device)
         dtype, _, _ = resolve_precision(device, precision)
@@ -250,6 +262,10 @@ class Txt2Img:
         config_dict = load_config(repo_path(config))
         t0 = time.perf_counter()
         model = load_model(config_dict, ckpt, device=device, dtype=dtype, use_ema=use_ema)
+        if vae is not None:
+            from .checkpoint import load_vae
+
+            load_vae(model, repo_path(vae))
         log.info("loaded %s in %.1f s", ckpt, time.perf_counter() - t0)
         model_hash = checkpoint_hash(ckpt) if hash_model else None
         backend = backend or BackendOptions()
@@ -259,11 +275,20 @@ class Txt2Img:
             pipe.detection = detect.resolve_parameterization(pipe.model, detection, parameterization)
         if pipe.detection is not None:
             log.info(pipe.detection.message)
+        if refiner is not None:
+            checks.number("refiner_switch", refiner_switch, minimum=0, maximum=1)
+            second = cls.from_files(refiner_config, refiner, device=device, precision=precision, hash_model=False,
+                                    backend=backend)
+            if (second.model.channels, latent_factor(second.model)) != (pipe.model.channels, latent_factor(pipe.model)):
+                raise ValueError(f"--refiner {refiner}: its latent space differs from the model's")
+            pipe.refiner = (second, float(refiner_switch))
         return pipe
 
     @property
     def default_size(self) -> int:
-        """Image side when none is given: 768 for v-prediction models (SD 2.x 768-v), else 512."""
+        """Image side when none is given: 1024 for SDXL, 768 for v-prediction models (SD 2.x 768-v), else 512."""
+        if xl.is_sdxl(self.model):
+            return 1024
         return 768 if self.model.parameterization == "v" else 512
 
     @property
@@ -284,7 +309,7 @@ class Txt2Img:
 
     def _tokens(self, text: str, emphasis: bool):
         def tokenize():
-            chunks = tokenize_weighted(text, self.model.cond_stage_model.tokenizer, emphasis=emphasis)
+            chunks = tokenize_weighted(text, xl.tokenizer(self.model), emphasis=emphasis)
             if chunks.n_chunks > 1:
                 log.warning("prompt of %d tokens is longer than 75: encoded in %d chunks of 75 tokens (%s)",
                             chunks.n_tokens, chunks.n_chunks, _short(text))
@@ -295,14 +320,17 @@ class Txt2Img:
     def _encode(self, text: str, emphasis: bool, chunks) -> torch.Tensor:
         def encode():
             with torch.no_grad(), self._autocast():
+                if xl.is_sdxl(self.model):  # (context, pooled)
+                    return xl.encode_prompt(self.model.conditioner, chunks)
                 return encode_weighted(chunks, self.model.cond_stage_model.encode_ids)
 
         return self._embeddings.get_or_make((text, emphasis, chunks.n_chunks), encode)
 
     def conditioning(self, prompt: str, negative_prompt: str = "", emphasis: bool = True):
         """(cond, uncond), each (1, 77 * n_chunks, D): the two prompts encoded in the same number
-        of 75-token chunks (the shorter padded with empty chunks), each distinct text once."""
-        tokenizer = self.model.cond_stage_model.tokenizer
+        of 75-token chunks (the shorter padded with empty chunks), each distinct text once.
+        For SDXL each is (context, pooled) (see ldm.conditioning)."""
+        tokenizer = xl.tokenizer(self.model)
         c, u = pad_chunks(self._tokens(prompt, emphasis), self._tokens(negative_prompt, emphasis), tokenizer)
         return self._encode(prompt, emphasis, c), self._encode(negative_prompt, emphasis, u)
 
@@ -311,7 +339,9 @@ class Txt2Img:
 
     # --- sampling
 
-    def _eps_model(self, x, t, context):
+    def _eps_model(self, x, t, context, y=None):
+        if y is not None:  # SDXL's vector conditioning
+            return self.unet(x.to(self.dtype), t, context.to(self.dtype), y.to(self.dtype)).float()
         return self.unet(x.to(self.dtype), t, context.to(self.dtype)).float()
 
     def sampler_runs(self, items: list[WorkItem], opts: Options) -> list[list[int]]:
@@ -328,8 +358,21 @@ class Txt2Img:
     def guided_denoiser(self, items: list[WorkItem], opts: Options):
         """The classifier-free guided noise prediction for these items, sampled together."""
         conds, unconds = zip(*(self.conditioning(item.prompt, item.negative_prompt, opts.emphasis) for item in items))
+        if xl.is_sdxl(self.model):
+            return self._guided_xl(items, conds, unconds, opts)
         return cfg_denoiser(self._eps_model, torch.cat(conds), torch.cat(unconds), opts.scale,
                             fans_out=fans_out(self.model))
+
+    def _guided_xl(self, items, conds, unconds, opts: Options):
+        """SDXL: the text conditioning is (context, pooled); y adds the size conditioning. The base model
+        conditions an empty negative prompt on zeros (ldm.conditioning)."""
+        rows = []  # per item: (context_c, y_c, context_u, y_u)
+        for item, (c, pooled_c), (u, pooled_u) in zip(items, conds, unconds):
+            zero = self.model.force_zeros_for_empty_prompt and not item.negative_prompt
+            y_c, y_u = xl.vectors(self.model, pooled_c, pooled_u, opts, zero)
+            rows.append((c, y_c, torch.zeros_like(u) if zero else u, y_u))
+        c, y_c, u, y_u = (torch.cat(column) for column in zip(*rows))
+        return xl.guided_denoiser(self._eps_model, (c, y_c), (u, y_u), opts.scale, fans_out=fans_out(self.model))
 
     def start_noise(self, items: list[WorkItem], opts: Options) -> torch.Tensor:
         """x_T of these items, [len(items), C, h, w] on the device: each from its own seed."""
@@ -339,7 +382,11 @@ class Txt2Img:
         """The final latents of items sampled together. `callback(i, x_t, x0_pred)` after every step;
         the step noise of a stochastic sampler comes from the first item's seed."""
         generator = torch.Generator("cpu").manual_seed(items[0].seed)
-        return run_sampler(opts.sampler, self.guided_denoiser(items, opts), self.start_noise(items, opts),
+        denoiser = self.guided_denoiser(items, opts)
+        if self.refiner is not None:
+            second, switch = self.refiner
+            denoiser = xl.hand_over(denoiser, second.guided_denoiser(items, opts), switch, self.model.num_timesteps)
+        return run_sampler(opts.sampler, denoiser, self.start_noise(items, opts),
                            self.model.alphas_cumprod, opts.steps, generator=generator, callback=callback, eta=opts.eta,
                            parameterization=getattr(self.model, "parameterization", "eps"))
 
@@ -402,18 +449,25 @@ class Txt2Img:
 
     def settings(self, item: WorkItem, opts: Options) -> dict:
         """The web UI's settings line of one image, as an ordered dict."""
-        return settings(item, opts, self.model_name, self.model_hash)
+        line = settings(item, opts, self.model_name, self.model_hash)
+        if self.refiner is not None:  # as the web UI writes an SDXL refiner
+            line["Refiner"] = self.refiner[0].model_name
+            line["Refiner switch at"] = f"{self.refiner[1]:g}"
+        return line
 
     # --- the whole run
 
     def __call__(self, prompt=DEFAULT_PROMPT, negative_prompt="", *, sampler="ddim", steps=50, scale=7.5, eta=None,
                  H=None, W=None, C=4, f=8, seed=42, n_samples=3, n_iter=2, fixed_code=False, emphasis=True,
-                 intermediates=False, batched=False, callback=None) -> list[Result]:
+                 intermediates=False, batched=False, callback=None, original_size=None, crop_coords=None,
+                 aesthetic_score=None) -> list[Result]:
         """Generate n_iter x n_samples images of `prompt` (a string), or, for a list of prompts, each
         prompt once per iteration in batches of n_samples (as --from-file). `negative_prompt` is one
-        string or a list matching the prompts. H and W default to `default_size`."""
+        string or a list matching the prompts. H and W default to `default_size`. `original_size` (h, w),
+        `crop_coords` (top, left) and `aesthetic_score` condition SDXL models (see ldm.conditioning)."""
         H, W = (self.default_size if side is None else side for side in (H, W))
-        opts = Options(sampler, steps, scale, eta, H, W, C, f, emphasis, intermediates, batched)
+        opts = Options(sampler, steps, scale, eta, H, W, C, f, emphasis, intermediates, batched, original_size,
+                       crop_coords, aesthetic_score)
         opts.validate(self.model)
         check_counts(n_samples, n_iter)
         batches = prompt_batches(prompt, negative_prompt, n_samples, repeat=isinstance(prompt, str))

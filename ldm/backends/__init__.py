@@ -160,7 +160,7 @@ def _input_shapes(model, size, fan_out):
             args = [torch.zeros(1, top.in_channels, small, small), torch.zeros(1), torch.zeros(1, 1, top.context_dim)]
             if top.num_classes is not None:
                 args.append(torch.zeros(1, top.label_emb[0][0].in_features))
-            batch = {"n": 1 if fan_out else 2}
+            batch = {"n": 1 if fan_out and top.num_classes is None else 2}  # SDXL: y per context, no fan-out
             fanned = [m.attn2 for m in top.modules() if isinstance(m, BasicTransformerBlock)] + [top.middle_block]
         elif isinstance(top, Decoder):
             p = top.conv_in.weight

@@ -318,14 +318,16 @@ class FastUNet(Derived, UNetModel):
     def fast_forward(self, x, timesteps, context, y=None):
         """eps for latents x [B] at timesteps [B] under contexts [k*B] (unconditional rows first under
         guidance): that of the reference on x, timesteps and y repeated k times, with the layers before
-        the first cross-attention run once per latent when `fan_out` is on."""
+        the first cross-attention run once per latent when `fan_out` is on. y [k*B] (a vector per context,
+        as SDXL's guidance gives) is taken as it is, and then every layer runs on k*B."""
         B = x.shape[0]
         if context.shape[0] % B or timesteps.shape[0] != B:
             raise ValueError(f"UNetModel: {B} latents and {timesteps.shape[0]} timesteps for {context.shape[0]} contexts")
         k = context.shape[0] // B
-        if k > 1 and not self.backend.fan_out:
+        per_context_y = k > 1 and y is not None and y.shape[0] == context.shape[0]  # SDXL guided: y differs per context
+        if k > 1 and (per_context_y or not self.backend.fan_out):  # then the embeddings differ from the first layer
             x, timesteps = fan_out(x, k), fan_out(timesteps, k)
-            y = None if y is None else fan_out(y, k)
+            y = y if y is None or per_context_y else fan_out(y, k)
         emb = self.embedding(timesteps, y, x.dtype)
         h, skips = x, []
         for block in self.input_blocks:

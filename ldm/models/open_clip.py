@@ -34,6 +34,7 @@ from .tokenizer import CLIPTokenizer
 # Text towers of the OpenCLIP architectures SD uses (open_clip's model_configs/<arch>.json, text_cfg).
 ARCHS = {
     "ViT-H-14": dict(width=1024, heads=16, layers=24, embed_dim=1024, vocab_size=49408),
+    "ViT-bigG-14": dict(width=1280, heads=20, layers=32, embed_dim=1280, vocab_size=49408),  # SDXL's second encoder
 }
 LAYERS = ("last", "penultimate")
 

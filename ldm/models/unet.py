@@ -229,6 +229,10 @@ class UNetModel(nn.Module):
         super().__init__()
         if context_dim is None:
             raise ValueError("UNetModel: context_dim is required for a text-conditioned model")
+        if isinstance(context_dim, (list, tuple)):  # sgm's per-level widths (the SDXL refiner's); all one width
+            if len(set(context_dim)) != 1:
+                raise ValueError(f"UNetModel: per-level context_dim {list(context_dim)} of different widths")
+            context_dim = context_dim[0]
         if num_heads == -1 and num_head_channels == -1:
             raise ValueError("UNetModel: set num_heads or num_head_channels")
         if num_classes not in (None, "sequential"):
