@@ -25,6 +25,7 @@ _UNET = ("ldm.models.unet", "UNetModel")
 # Original target string -> (our module, our class), imported when first instantiated.
 TARGETS = {
     "ldm.models.diffusion.ddpm.LatentDiffusion": ("ldm.models.diffusion", "LatentDiffusion"),
+    "ldm.models.diffusion.ddpm.LatentInpaintDiffusion": ("ldm.models.diffusion", "LatentInpaintDiffusion"),
     "ldm.modules.diffusionmodules.openaimodel.UNetModel": _UNET,
     "sgm.modules.diffusionmodules.openaimodel.UNetModel": _UNET,  # SDXL's network_config
     "ldm.models.autoencoder.AutoencoderKL": ("ldm.models.autoencoder", "AutoencoderKL"),
@@ -67,6 +68,7 @@ IGNORED = {
         "beta_schedule": "linear", "conditioning_key": "crossattn",
     },
     "ldm.modules.diffusionmodules.openaimodel.UNetModel": _UNET_IGNORED,
+    "ldm.models.diffusion.ddpm.LatentInpaintDiffusion": {},  # filled below: LatentDiffusion's, plus its own
     "sgm.modules.diffusionmodules.openaimodel.UNetModel": _UNET_IGNORED,
     "ldm.models.autoencoder.AutoencoderKL": {
         "lossconfig": ANY, "ckpt_path": ANY, "ignore_keys": ANY, "image_key": ANY, "colorize_nlabels": ANY,
@@ -77,6 +79,12 @@ IGNORED = {
         "give_pre_end": False, "tanh_out": False,
     },
     "ldm.modules.encoders.modules.FrozenCLIPEmbedder": {"device": ANY, "freeze": ANY, "layer": "last"},
+}
+
+
+IGNORED["ldm.models.diffusion.ddpm.LatentInpaintDiffusion"] = {
+    **{k: v for k, v in IGNORED["ldm.models.diffusion.ddpm.LatentDiffusion"].items() if k != "conditioning_key"},
+    "finetune_keys": ANY, "masked_image_key": ANY,
 }
 
 

@@ -31,11 +31,13 @@ CONFIGS = {
     "v1": "configs/stable-diffusion/v1-inference.yaml",
     "v2": "configs/stable-diffusion/v2-inference.yaml",
     "v2-v": "configs/stable-diffusion/v2-inference-v.yaml",
+    "v1-inpainting": "configs/stable-diffusion/v1-inpainting-inference.yaml",
 }
 DESCRIPTIONS = {
     "v1": "Stable Diffusion v1 (CLIP ViT-L/14, eps-prediction, 512x512)",
     "v2": "Stable Diffusion 2.x 512-base (OpenCLIP ViT-H/14, eps-prediction, 512x512)",
     "v2-v": "Stable Diffusion 2.x 768-v (OpenCLIP ViT-H/14, v-prediction, 768x768)",
+    "v1-inpainting": "Stable Diffusion v1 inpainting (9-channel UNet: latent, mask, masked image; img2img --mask)",
 }
 V1_TEXT = "cond_stage_model.transformer."
 V2_TEXT = "cond_stage_model.model."
@@ -73,6 +75,8 @@ def family(shapes) -> str | None:
         raise CheckpointError("this is a Stable Diffusion XL checkpoint, which txt2img does not run "
                               "(it runs SD v1 and 2.x)")
     first = shapes.get(UNET + "input_blocks.0.0.weight")
+    if first is not None and len(first) == 4 and first[1] == 9 and _context_dim(shapes) == 768:
+        return "v1-inpainting"
     if first is not None and len(first) == 4 and first[1] != 4:
         kind = {9: "an inpainting", 8: "an InstructPix2Pix", 5: "a depth-conditioned"}.get(first[1], "a non-txt2img")
         raise CheckpointError(f"this looks like {kind} checkpoint ({first[1]} UNet input channels), "
@@ -140,11 +144,11 @@ def resolve_parameterization(model, detection: Detection | None, override: str |
         if override not in ("eps", "v"):
             raise ValueError(f"--parameterization must be eps or v, got {override!r}")
         model.parameterization = override
-        if detection is not None and detection.kind != "v1":
+        if detection is not None and detection.kind not in ("v1", "v1-inpainting"):
             kind = "v2-v" if override == "v" else "v2"
             detection = Detection(kind, CONFIGS[kind], f"{override}-prediction from --parameterization")
         return detection
-    if detection is None or detection.kind == "v1":
+    if detection is None or detection.kind in ("v1", "v1-inpainting"):
         return detection
     choice = parameterization(model)
     model.parameterization = choice
