@@ -423,3 +423,44 @@ def test_inpainting_checkpoint_detected(tiny_inpaint, tmp_path):
 
     model = build_model(ROOT / detect.CONFIGS["v1-inpainting"], "meta")
     assert model.model.diffusion_model.in_channels == 9 and type(model).__name__ == "LatentInpaintDiffusion"
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_give_the_same_images(tiny, tmp_path):
+    from test_distributed import assert_same, env
+
+    config, ckpt = tiny
+    init = _png(tmp_path / "init.png", size=(64, 64))
+    args = [str(ROOT / "scripts/img2img.py"), "--init-img", str(init), "--prompt", "a square", "--n_samples", "2",
+            "--n_iter", "2", "--ddim_steps", "4", "--strength", "0.6", "--sampler", "euler_a", "--config",
+            str(config), "--ckpt", str(ckpt), "--device", "cpu", "--no_safety_checker", "--no_watermark"]
+    one = subprocess.run([sys.executable, *args, "--outdir", str(tmp_path / "one")], capture_output=True, text=True,
+                         env=env(), cwd=ROOT, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
+                          "--outdir", str(tmp_path / "two")], capture_output=True, text=True, env=env(), cwd=ROOT,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert len(list((tmp_path / "two" / "samples").glob("*.png"))) == 4
+    assert_same(tmp_path / "one", tmp_path / "two")
+
+
+def test_cli_inpainting_model(tiny_inpaint, tmp_path, capsys):
+    _, config, ckpt = tiny_inpaint
+    common = ["--config", str(config), "--ckpt", str(ckpt), "--no_safety_checker", "--no_watermark", "--n_samples",
+              "1", "--n_iter", "1", "--ddim_steps", "3"]
+    assert cli.main([*common, "--H", "64", "--W", "64", "--outdir", str(tmp_path / "t2i")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("txt2img: error: ") and "is an inpainting checkpoint" in err[-1]
+    assert not list((tmp_path / "t2i").rglob("*.png"))
+    init = _png(tmp_path / "init.png", size=(64, 64), colour=(20, 200, 20))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(tmp_path / "mask.png")
+    out = tmp_path / "out"
+    assert cli.img2img_main([*common, "--init-img", str(init), "--mask", str(tmp_path / "mask.png"), "--strength", "1",
+                             "--mask_blur", "0", "--outdir", str(out), "--skip_grid"]) == 0, capsys.readouterr().err
+    (png,) = (out / "samples").glob("*.png")
+    img = np.asarray(Image.open(png).convert("RGB"))
+    outside = np.asarray(mask) == 0
+    assert (img[outside] == (20, 200, 20)).all() and not (img[~outside] == (20, 200, 20)).all()
