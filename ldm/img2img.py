@@ -315,7 +315,8 @@ def hires_pass(pipe: Txt2Img, items: list[WorkItem], opts: Options, z: torch.Ten
     """The hires fix's second pass over the first pass's latents z [B, C, h, w] of `items`: upscaled
     (`opts.hr_upscaler`), then img2img at `opts.hr_strength` over `opts.hr_steps` (default: opts.steps)
     steps at the larger size. Returns the final latents; the callback's step index continues after the
-    first pass's."""
+    first pass's. At hr_strength 0 no step runs: the latent upscaler gives the upscaled first pass exactly,
+    lanczos the resized picture through one more autoencoder round trip."""
     f = latent_factor(pipe.model)
     H, W = hires_size(opts, f * pipe.model.model.diffusion_model.downsample_factor)
     shape = (z.shape[1], H // f, W // f)

@@ -125,6 +125,12 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("steps,strength,eta", [(10, 0.75, 0.0), (20, 0.5, 0.0)])
 def test_ddim_img2img_parity_with_diffusers(tiny, steps, strength, eta):
+    """The original img2img.py's DDIM semantics against diffusers' StableDiffusionImg2ImgPipeline, fed the same
+    encoded latent and noise. Both run int(strength * steps) steps (diffusers' get_timesteps: init_timestep =
+    min(int(steps * strength), steps), the last of them); they differ in the noise level only: diffusers
+    noises to the first time it runs (add_noise at timesteps[t_start]), the original one DDIM stride above it
+    (stochastic_encode at index t_enc, then decode over ddim_timesteps[:t_enc]). A DDIMScheduler whose
+    add_noise adds that stride takes the original's level; everything else is diffusers' own."""
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
     from test_model_parity import _reference_models
@@ -464,3 +470,22 @@ def test_cli_inpainting_model(tiny_inpaint, tmp_path, capsys):
     img = np.asarray(Image.open(png).convert("RGB"))
     outside = np.asarray(mask) == 0
     assert (img[outside] == (20, 200, 20)).all() and not (img[~outside] == (20, 200, 20)).all()
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_known_region_denoiser_predicts_the_init_latent(parameterization):
+    from ldm.img2img import known_region_denoiser
+    from ldm.samplers.parameterization import eps_and_x0
+
+    g = torch.Generator().manual_seed(4)
+    z0, x = torch.randn(2, 4, 4, 6, generator=g), torch.randn(2, 4, 4, 6, generator=g)
+    keep = torch.zeros(1, 1, 4, 6)
+    keep[..., :3] = 1
+    fn = known_region_denoiser(_toy_model, z0, keep, AC, parameterization)
+    for t in (981.0, 400.0, 21.0):
+        tt = torch.full((2,), t)
+        a = AC[int(t)].item()
+        _, x0 = eps_and_x0(fn(x, tt), x, a, parameterization)
+        _, x0_model = eps_and_x0(_toy_model(x, tt), x, a, parameterization)
+        assert torch.allclose(x0[..., :3], z0[..., :3], atol=1e-4)
+        assert torch.allclose(x0[..., 3:], x0_model[..., 3:], atol=1e-4)
