@@ -24,8 +24,8 @@ The original img2img.py, step by step, and what is done here:
 Masked img2img (`set_mask`, white = repaint) with an ordinary checkpoint: at every model evaluation the
 predicted clean latent is replaced by the init latent outside the mask (the web UIs' way, which needs no
 change to any sampler), the final latent takes the init latent there, and the decoded picture is pasted
-over the init image through the (blurred) mask, so the unmasked pixels come back exactly. A dedicated inpainting checkpoint (the original's LatentInpaintDiffusion, 9-channel
-UNet: sd-v1-5-inpainting) instead gets the mask (1 = repaint, the blurred mask thresholded at 1/2, nearest
+over the init image through the (blurred) mask, so the unmasked pixels come back exactly. A dedicated
+inpainting checkpoint (the original's LatentInpaintDiffusion, 9-channel UNet: sd-v1-5-inpainting) instead gets the mask (1 = repaint, the blurred mask thresholded at 1/2, nearest
 at latent size) and the latent of the masked image (the init image with the hole set to 0, i.e. gray; the
 posterior mean) concatenated to its input at every evaluation, as the original's inpainting scripts do;
 at strength 1 it starts from pure noise (txt2img's start code), as they do.
