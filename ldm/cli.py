@@ -1,4 +1,6 @@
-"""The `txt2img` command line: the original CompVis script's flags, over `ldm.pipeline`.
+"""The `txt2img` command line: the original CompVis script's flags, over `ldm.pipeline`; and, with
+`main(prog="img2img")`, the `img2img` one: the original img2img.py's flags and defaults, over
+`ldm.img2img.Img2Img`, through the same settings, checks, outputs and launcher handling.
 
 This module parses arguments, checks everything that can be checked before a model is loaded,
 writes files, draws progress bars and prints; the generation itself is `ldm.pipeline.Txt2Img`.
