@@ -52,6 +52,10 @@ RULES = {
     "scale": lambda v: number("scale", v),
     "ddim_eta": lambda v: number("ddim_eta", v, minimum=0),
     "strength": lambda v: number("strength", v, minimum=0, maximum=1),
+    "hr_scale": lambda v: number("hr_scale", v, minimum=1),
+    "hr_strength": lambda v: number("hr_strength", v, minimum=0, maximum=1),
+    "hr_steps": lambda v: integer("hr_steps", v),
+    "mask_blur": lambda v: integer("mask_blur", v, minimum=0, maximum=1024),
     "ddim_steps": lambda v: integer("ddim_steps", v),  # the upper bound is the model's: Options.validate
     "n_samples": lambda v: integer("n_samples", v, maximum=MAX_IMAGES),
     "n_iter": lambda v: integer("n_iter", v, maximum=MAX_IMAGES),

@@ -1,4 +1,6 @@
-"""The `txt2img` command line: the original CompVis script's flags, over `ldm.pipeline`.
+"""The `txt2img` command line: the original CompVis script's flags, over `ldm.pipeline`; and, with
+`main(prog="img2img")`, the `img2img` one: the original img2img.py's flags and defaults, over
+`ldm.img2img.Img2Img`, through the same settings, checks, outputs and launcher handling.
 
 This module parses arguments, checks everything that can be checked before a model is loaded,
 writes files, draws progress bars and prints; the generation itself is `ldm.pipeline.Txt2Img`.
@@ -50,7 +52,13 @@ DEFAULTS = {
     "no_watermark": False, "verbose": False,
     "original_size": None, "crop_coords": None, "aesthetic_score": None,  # SDXL's size conditioning
     "vae": None, "refiner": None, "refiner_switch": 0.8,
+    "hr_scale": None, "hr_steps": None, "hr_strength": 0.5, "hr_upscaler": "latent",  # the hires fix
+    "init_img": None, "strength": None, "mask": None, "mask_blur": 4,  # img2img only
 }
+IMG2IMG = "img2img"  # the `img2img` command: the same machinery, an init image instead of noise (ldm.img2img)
+# img2img's defaults where the original img2img.py's differ from txt2img.py's
+IMG2IMG_DEFAULTS = {**DEFAULTS, "strength": 0.75, "outdir": "outputs/img2img-samples", "n_iter": 1, "n_samples": 2,
+                    "scale": 5.0}
 DEMO_PRESET = {"config": DEMO_CONFIG, "ckpt": DEMO_CKPT, "H": 64, "W": 64}
 SAMPLER_FLAGS = ("sampler", "plms", "dpm_solver")  # one choice: a layer that sets any of them replaces all three
 
@@ -83,13 +91,19 @@ def _pair(flag):
     return parse
 
 
+def defaults() -> dict:
+    """The defaults of the command running: `DEFAULTS`, or `IMG2IMG_DEFAULTS`."""
+    return IMG2IMG_DEFAULTS if PROG == IMG2IMG else DEFAULTS
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The flags, without defaults: parse_args returns only those given (see `DEFAULTS`)."""
-    d = DEFAULTS
+    d = defaults()
+    img2img = PROG == IMG2IMG
     p = _Parser(
         prog=PROG, allow_abbrev=False, argument_default=argparse.SUPPRESS,
-        description="Stable Diffusion v1 and 2.x text-to-image. Samples go to OUTDIR/samples/NNNNN.png, "
-                    "grids to OUTDIR/grid-NNNN.png.",
+        description=f"Stable Diffusion v1 and 2.x {'image-to-image' if img2img else 'text-to-image'}. Samples go to "
+                    "OUTDIR/samples/NNNNN.png, grids to OUTDIR/grid-NNNN.png.",
         epilog="Image k of a run (in the order files are written) starts from the noise of seed + k: "
                "regenerate it alone with --seed <seed + k> --n_samples 1 --n_iter 1. "
                "Start with --demo to try the bundled demo model.",
@@ -111,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_emphasis", action="store_true",
                    help="take prompts literally: no (word), [word], {word}, (word:1.3) weighting")
 
+    if img2img:
+        g.add_argument("--init-img", dest="init_img", type=str, metavar="FILE",
+                       help="the image to rework; resized down to sides that are multiples of 32 (64 for the SD "
+                            "UNets), LANCZOS, as the original")
+        g.add_argument("--mask", type=str, metavar="FILE",
+                       help="inpainting: repaint only where this image is white (resized to the init image's size)")
+        g.add_argument("--mask_blur", type=int, metavar="N",
+                       help=f"radius of the Gaussian blur that softens the mask's edge (default {d['mask_blur']})")
     g = p.add_argument_group("sampling")
     g.add_argument("--sampler", type=str, metavar="NAME", help="sampler (default ddim); see --list_samplers")
     g.add_argument("--list_samplers", action="store_true", help="list the samplers and exit")
@@ -132,10 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batched", action="store_true",
                    help="sample the --n_samples images of a batch through the model together: faster on a GPU, but an "
                         "image then matches its regeneration alone only up to rounding (default: one at a time, exact)")
-    g.add_argument("--H", type=int,
-                   help="image height in pixels (default 1024 for SDXL, 768 for v-prediction models, else 512)")
-    g.add_argument("--W", type=int,
-                   help="image width in pixels (default 1024 for SDXL, 768 for v-prediction models, else 512)")
+    if img2img:
+        g.add_argument("--strength", type=float,
+                       help="denoising strength in [0, 1]: the last int(strength x --ddim_steps) steps run from the "
+                            f"init image noised to that level (default {d['strength']})")
+    else:
+        g.add_argument("--H", type=int,
+                       help="image height in pixels (default 1024 for SDXL, 768 for v-prediction models, else 512)")
+        g.add_argument("--W", type=int,
+                       help="image width in pixels (default 1024 for SDXL, 768 for v-prediction models, else 512)")
+        g.add_argument("--hr_scale", type=float, metavar="S",
+                       help="hires fix: after the H x W pass, an img2img pass at S times the size (S >= 1)")
+        g.add_argument("--hr_steps", type=int, help="hires fix: the second pass's steps (default --ddim_steps)")
+        g.add_argument("--hr_strength", type=float,
+                       help=f"hires fix: the second pass's denoising strength (default {d['hr_strength']})")
+        g.add_argument("--hr_upscaler", choices=["latent", "lanczos"],
+                       help="hires fix: upscale the latent (bilinear) or the decoded picture (LANCZOS, encoded "
+                            f"again) (default {d['hr_upscaler']})")
     g.add_argument("--original_size", type=_pair("original_size"), metavar="H,W",
                    help="SDXL size conditioning: the original image size the model is told (default: --H,--W)")
     g.add_argument("--crop_coords", type=_pair("crop_coords"), metavar="TOP,LEFT",
@@ -217,7 +252,7 @@ def merge_settings(*layers: dict) -> SimpleNamespace:
     out = {}
     for layer in layers:
         if any(k in layer for k in SAMPLER_FLAGS):
-            out.update({k: DEFAULTS[k] for k in SAMPLER_FLAGS})
+            out.update({k: defaults()[k] for k in SAMPLER_FLAGS})
         out.update(layer)
     return SimpleNamespace(**out)
 
@@ -234,6 +269,8 @@ def png_settings(path, explicit: dict) -> tuple[dict, dict]:
     names = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "ddim_steps", "scale": "scale",
              "seed": "seed", "H": "H", "W": "W", "eta": "ddim_eta", "sampler": "sampler",
              "original_size": "original_size", "crop_coords": "crop_coords", "aesthetic_score": "aesthetic_score"}
+    names.update({k: k for k in ("strength",) if PROG == IMG2IMG})
+    names.update({k: k for k in ("hr_scale", "hr_steps", "hr_strength", "hr_upscaler") if PROG != IMG2IMG})
     layer = {dest: meta[key] for key, dest in names.items() if key in meta}
     layer.update(no_emphasis=not meta["emphasis"], n_samples=1, n_iter=1)
     if meta.get("model_hash") and "ckpt" not in explicit:
@@ -342,7 +379,10 @@ def check_outdir(outdir: Path, folders):
 # ----------------------------------------------------------------------------- main
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "txt2img") -> int:
+    """The `txt2img` command line, or with prog="img2img" the `img2img` one."""
+    global PROG
+    PROG = prog
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         explicit = parse_explicit(argv)
@@ -395,7 +435,7 @@ def settle_args(explicit: dict) -> tuple[SimpleNamespace, dict | None]:
     --demo over the defaults."""
     if explicit.get("from_png") and explicit.get("from_file"):
         raise ValueError("--from_png and --from-file cannot be combined")
-    layers = [DEFAULTS, DEMO_PRESET if explicit.get("demo") else {}]
+    layers = [defaults(), DEMO_PRESET if explicit.get("demo") else {}]
     png_meta = None
     if explicit.get("from_png"):
         png_layer, png_meta = png_settings(explicit["from_png"], explicit)
@@ -424,6 +464,15 @@ def _run(explicit: dict) -> int:
         if "precision" in explicit and args.precision != "bf16":
             raise ValueError(f"--bf16 and --precision {args.precision} contradict each other")
         args.precision = "bf16"
+    args.init_image = None
+    if PROG == IMG2IMG:  # the size is the init image's (resized when the model is loaded)
+        from .img2img import ORIGINAL_MULTIPLE, fit_size, read_init_image
+
+        if not args.init_img:
+            raise ValueError("img2img needs --init-img FILE: the image to rework")
+        args.init_image = read_init_image(args.init_img)
+        args.mask_image = read_init_image(args.mask, "--mask") if args.mask else None
+        args.W, args.H = fit_size(args.init_image, ORIGINAL_MULTIPLE, f"--init-img {args.init_img}")[0].size
     args.auto_size = [name for name in ("H", "W") if getattr(args, name) is None]  # 768 for a v model, else 512
     for name in args.auto_size:
         setattr(args, name, 512)
@@ -434,7 +483,9 @@ def _run(explicit: dict) -> int:
     opts = Options(sampler=resolve_sampler(args), steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta,
                    H=args.H, W=args.W, C=args.C, f=args.f, emphasis=not args.no_emphasis,
                    intermediates=args.save_intermediates, batched=args.batched, original_size=args.original_size,
-                   crop_coords=args.crop_coords, aesthetic_score=args.aesthetic_score)
+                   crop_coords=args.crop_coords, aesthetic_score=args.aesthetic_score, strength=args.strength,
+                   hr_scale=args.hr_scale, hr_steps=args.hr_steps, hr_strength=args.hr_strength,
+                   hr_upscaler=args.hr_upscaler)
     checks.check_flags(args)  # finite, in range, a known device form: after --from_png filled in its values
     opts.validate()
     if args.from_file:
@@ -506,15 +557,28 @@ def _load(args, explicit, config, ckpt, opts, world, png_meta):
 
     backend = BackendOptions.from_env(cuda_graphs=args.cuda_graphs, compile=args.compile,
                                       prepack_latent_size=opts.latent_shape()[1:])
-    pipe = pipeline.Txt2Img.from_files(config, ckpt, device=device, precision=args.precision, use_ema=args.use_ema,
+    cls = pipeline.Txt2Img
+    if args.init_image is not None:
+        from .img2img import Img2Img as cls
+    pipe = cls.from_files(config, ckpt, device=device, precision=args.precision, use_ema=args.use_ema,
                                        safety_checker=checker, nsfw=args.nsfw, backend=backend,
                                        parameterization=args.parameterization, vae=args.vae, refiner=args.refiner,
                                        refiner_switch=args.refiner_switch)
     if pipe.detection is not None:
         notice(pipe.detection.message)
+    if args.init_image is None and type(pipe.model).__name__ == "LatentInpaintDiffusion":
+        raise ValueError(f"{ckpt} is an inpainting checkpoint (9-channel UNet): run it with img2img --init-img FILE "
+                         "--mask FILE")
     for name in args.auto_size:
         setattr(opts, name, pipe.default_size)
         setattr(args, name, pipe.default_size)
+    if args.init_image is not None:
+        notes = [pipe.set_init_image(args.init_image, f"--init-img {args.init_img}")]
+        if args.mask_image is not None:
+            notes.append(pipe.set_mask(args.mask_image, args.mask_blur, f"--mask {args.mask}"))
+        for note in filter(None, notes):
+            notice(note)
+        opts.W, opts.H = args.W, args.H = pipe.init_image.size
     opts.validate(pipe.model)
     if device.type == "cpu":
         _set_threads(args.threads, pipe, opts)
@@ -703,15 +767,20 @@ def _sample_batch(pipe, opts, items, output, timing, image_bar, quiet):
     from tqdm import tqdm
 
     runs = pipe.sampler_runs(items, opts)
-    with tqdm(total=opts.steps * len(runs), desc="steps", unit="step", leave=False, position=1,
+    with tqdm(total=pipe.steps_per_run(opts) * len(runs), desc="steps", unit="step", leave=False, position=1,
               disable=quiet) as step_bar:
         t0 = time.perf_counter()
         results = pipe.generate_batch(items, opts, callback=lambda i, x, x0: step_bar.update(1))
         timing.sampling_s += time.perf_counter() - t0
-        timing.steps_run += opts.steps * len(runs)
+        timing.steps_run += pipe.steps_per_run(opts) * len(runs)
     for r in results:
         output.save(r)
         image_bar.update(1)
+
+
+def img2img_main(argv=None) -> int:
+    """The `img2img` console script."""
+    return main(argv, prog=IMG2IMG)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ _UNET = ("ldm.models.unet", "UNetModel")
 # Original target string -> (our module, our class), imported when first instantiated.
 TARGETS = {
     "ldm.models.diffusion.ddpm.LatentDiffusion": ("ldm.models.diffusion", "LatentDiffusion"),
+    "ldm.models.diffusion.ddpm.LatentInpaintDiffusion": ("ldm.models.diffusion", "LatentInpaintDiffusion"),
     "ldm.modules.diffusionmodules.openaimodel.UNetModel": _UNET,
     "sgm.modules.diffusionmodules.openaimodel.UNetModel": _UNET,  # SDXL's network_config
     "ldm.models.autoencoder.AutoencoderKL": ("ldm.models.autoencoder", "AutoencoderKL"),
@@ -80,6 +81,7 @@ IGNORED = {
         "beta_schedule": "linear", "conditioning_key": "crossattn",
     },
     "ldm.modules.diffusionmodules.openaimodel.UNetModel": _UNET_IGNORED,
+    "ldm.models.diffusion.ddpm.LatentInpaintDiffusion": {},  # filled below: LatentDiffusion's, plus its own
     "sgm.modules.diffusionmodules.openaimodel.UNetModel": _UNET_IGNORED,
     "ldm.models.autoencoder.AutoencoderKL": {
         "lossconfig": ANY, "ckpt_path": ANY, "ignore_keys": ANY, "image_key": ANY, "colorize_nlabels": ANY,
@@ -100,6 +102,12 @@ IGNORED["sgm.models.diffusion.DiffusionEngine"] = {
 for _vae in ("sgm.models.autoencoder.AutoencoderKL", "sgm.models.autoencoder.AutoencoderKLInferenceWrapper"):
     IGNORED[_vae] = IGNORED["ldm.models.autoencoder.AutoencoderKL"]
     IGNORED[_vae + "/ddconfig"] = IGNORED["ldm.models.autoencoder.AutoencoderKL/ddconfig"]
+
+
+IGNORED["ldm.models.diffusion.ddpm.LatentInpaintDiffusion"] = {
+    **{k: v for k, v in IGNORED["ldm.models.diffusion.ddpm.LatentDiffusion"].items() if k != "conditioning_key"},
+    "finetune_keys": ANY, "masked_image_key": ANY,
+}
 
 
 def _accepts(expected, value):

@@ -34,6 +34,13 @@ def settings(item, opts, model_name: str, model_hash: str | None) -> dict:
     if model_hash:
         s["Model hash"] = model_hash
     s["Model"] = model_name
+    if getattr(opts, "strength", None) is not None:  # img2img
+        s["Denoising strength"] = number(float(opts.strength))
+    if getattr(opts, "hr_scale", None) is not None:  # the hires fix, as the web UI writes it
+        s["Denoising strength"] = number(float(opts.hr_strength))
+        s["Hires upscale"] = number(float(opts.hr_scale))
+        s["Hires steps"] = opts.hr_steps or opts.steps
+        s["Hires upscaler"] = {"latent": "Latent", "lanczos": "Lanczos"}.get(opts.hr_upscaler, opts.hr_upscaler)
     if opts.eta is not None and (opts.eta or opts.sampler != "ddim"):
         s["Eta"] = number(opts.eta)
     if not opts.emphasis:
@@ -102,6 +109,16 @@ def options_from_parameters(text: str) -> dict:
             out["crop_coords"] = (int(top), int(left))
         if "Aesthetic score" in s:
             out["aesthetic_score"] = float(s["Aesthetic score"])
+        if "Hires upscale" in s:  # the hires fix; its "Denoising strength" is the second pass's
+            out["hr_scale"] = float(s["Hires upscale"])
+            if "Hires steps" in s:
+                out["hr_steps"] = int(s["Hires steps"])
+            if "Hires upscaler" in s:
+                out["hr_upscaler"] = s["Hires upscaler"].strip().lower()
+            if "Denoising strength" in s:
+                out["hr_strength"] = float(s["Denoising strength"])
+        elif "Denoising strength" in s:  # img2img
+            out["strength"] = float(s["Denoising strength"])
     except ValueError as e:
         if "unknown sampler" in str(e):
             raise

@@ -93,6 +93,11 @@ class Options:
     original_size: tuple[int, int] | None = None
     crop_coords: tuple[int, int] | None = None
     aesthetic_score: float | None = None  # the refiner's
+    strength: float | None = None  # img2img's denoising strength (ldm.img2img); None in txt2img
+    hr_scale: float | None = None  # the hires fix (ldm.img2img.hires_pass): a second pass at hr_scale x the size
+    hr_steps: int | None = None  # its schedule's steps (None: steps)
+    hr_strength: float = 0.5  # its denoising strength
+    hr_upscaler: str = "latent"  # "latent" (bilinear on the latent) or "lanczos" (on the decoded picture)
 
     def validate(self, model=None):
         """ValueError for anything a run cannot do; with a model, also its latent channels and factor."""
@@ -111,6 +116,7 @@ class Options:
             checks.number("ddim_eta", self.eta)
         check_eta(sampler.name, self.eta)
         xl.check_options(self.original_size, self.crop_coords, self.aesthetic_score)
+        self._validate_img2img()
         if model is not None:
             if self.C != model.channels:
                 raise ValueError(f"--C {self.C}: this model has {model.channels} latent channels")
@@ -122,6 +128,17 @@ class Options:
                 if getattr(self, name) % multiple:
                     raise ValueError(f"--{name} must be a multiple of {multiple} for this model "
                                      f"(--f {f} x the UNet's {multiple // f}), got {getattr(self, name)}")
+
+    def _validate_img2img(self):
+        if self.strength is not None:
+            checks.number("strength", self.strength, 0, 1)
+        if self.hr_scale is not None:
+            checks.number("hr_scale", self.hr_scale, 1, checks.MAX_SIDE / max(self.H, self.W))
+            checks.number("hr_strength", self.hr_strength, 0, 1)
+            if self.hr_steps is not None:
+                checks.integer("hr_steps", self.hr_steps, 1, 1000)
+            if self.hr_upscaler not in ("latent", "lanczos"):
+                raise ValueError(f"--hr_upscaler must be latent or lanczos, got {self.hr_upscaler!r}")
 
     @property
     def stochastic(self) -> bool:
@@ -386,9 +403,22 @@ class Txt2Img:
         if self.refiner is not None:
             second, switch = self.refiner
             denoiser = xl.hand_over(denoiser, second.guided_denoiser(items, opts), switch, self.model.num_timesteps)
-        return run_sampler(opts.sampler, denoiser, self.start_noise(items, opts),
-                           self.model.alphas_cumprod, opts.steps, generator=generator, callback=callback, eta=opts.eta,
-                           parameterization=getattr(self.model, "parameterization", "eps"))
+        z = run_sampler(opts.sampler, denoiser, self.start_noise(items, opts),
+                        self.model.alphas_cumprod, opts.steps, generator=generator, callback=callback, eta=opts.eta,
+                        parameterization=getattr(self.model, "parameterization", "eps"))
+        if opts.hr_scale is not None:  # the hires fix: img2img of this pass at hr_scale x the size
+            from .img2img import hires_pass
+
+            z = hires_pass(self, items, opts, z, callback)
+        return z
+
+    def steps_per_run(self, opts: Options) -> int:
+        """Sampler steps (callbacks) in one sampler run of `sample`: the hires fix's second pass included."""
+        if opts.hr_scale is None:
+            return opts.steps
+        from .img2img import hires_steps_run
+
+        return opts.steps + hires_steps_run(opts)
 
     def generate_batch(self, items: list[WorkItem], opts: Options, callback: Callable | None = None) -> list[Result]:
         """Images for a batch of work items, in order. `callback(i, x_t, x0_pred)` is called once
@@ -460,14 +490,17 @@ class Txt2Img:
     def __call__(self, prompt=DEFAULT_PROMPT, negative_prompt="", *, sampler="ddim", steps=50, scale=7.5, eta=None,
                  H=None, W=None, C=4, f=8, seed=42, n_samples=3, n_iter=2, fixed_code=False, emphasis=True,
                  intermediates=False, batched=False, callback=None, original_size=None, crop_coords=None,
-                 aesthetic_score=None) -> list[Result]:
+                 aesthetic_score=None, hr_scale=None, hr_steps=None, hr_strength=0.5,
+                 hr_upscaler="latent") -> list[Result]:
         """Generate n_iter x n_samples images of `prompt` (a string), or, for a list of prompts, each
         prompt once per iteration in batches of n_samples (as --from-file). `negative_prompt` is one
         string or a list matching the prompts. H and W default to `default_size`. `original_size` (h, w),
-        `crop_coords` (top, left) and `aesthetic_score` condition SDXL models (see ldm.conditioning)."""
+        `crop_coords` (top, left) and `aesthetic_score` condition SDXL models (see ldm.conditioning);
+        `hr_scale` turns on the hires fix (see `ldm.img2img.hires_pass`)."""
         H, W = (self.default_size if side is None else side for side in (H, W))
-        opts = Options(sampler, steps, scale, eta, H, W, C, f, emphasis, intermediates, batched, original_size,
-                       crop_coords, aesthetic_score)
+        opts = Options(sampler, steps, scale, eta, H, W, C, f, emphasis, intermediates, batched,
+                       original_size=original_size, crop_coords=crop_coords, aesthetic_score=aesthetic_score,
+                       hr_scale=hr_scale, hr_steps=hr_steps, hr_strength=hr_strength, hr_upscaler=hr_upscaler)
         opts.validate(self.model)
         check_counts(n_samples, n_iter)
         batches = prompt_batches(prompt, negative_prompt, n_samples, repeat=isinstance(prompt, str))

@@ -95,3 +95,24 @@ class LatentDiffusion(nn.Module):
     def decode_first_stage(self, z):
         """Scaled latents -> images in about [-1, 1]."""
         return self.first_stage_model.decode(z / self.scale_factor)
+
+
+class LatentInpaintDiffusion(LatentDiffusion):
+    """The original `LatentInpaintDiffusion` (sd-v1-5-inpainting): conditioning_key "hybrid", a 9-channel UNet
+    whose input is the noisy latent, the mask (1 = repaint) at latent size and the masked image's latent,
+    concatenated in that order (the original's concat_keys ("mask", "masked_image"))."""
+
+    def __init__(self, unet_config, first_stage_config, cond_stage_config, linear_start=0.00085, linear_end=0.012,
+                 timesteps=1000, parameterization="eps", channels=4, scale_factor=1.0, conditioning_key="hybrid",
+                 concat_keys=("mask", "masked_image")):
+        super().__init__(unet_config, first_stage_config, cond_stage_config, linear_start, linear_end, timesteps,
+                         parameterization, channels, scale_factor)
+        if conditioning_key != "hybrid" or tuple(concat_keys) != ("mask", "masked_image"):
+            raise ValueError("LatentInpaintDiffusion: only conditioning_key hybrid with concat_keys "
+                             "[mask, masked_image] is supported")
+
+    def apply_model(self, x_noisy, t, cond, c_concat=None):
+        """The prediction at x_t with `c_concat` [B, 5, h, w] (mask, masked image latent) beside it."""
+        if c_concat is None:
+            raise ValueError("an inpainting model needs the mask and the masked image (c_concat)")
+        return self.model(torch.cat([x_noisy, c_concat.to(x_noisy.dtype)], dim=1), t, cond)

@@ -15,12 +15,17 @@ Every sampler has the signature
 - generator and eta, only for the samplers that take an eta (`Sampler.takes_eta`): eta is DDIM's eta
   (default 0) or the ancestral noise scale of euler_a (default 1), and every noise draw comes from the
   explicit torch.Generator. The others are deterministic: `check_eta` refuses a nonzero eta for them.
+- first_step (img2img, hires fix): None for a whole run from x_T as above; k in [0, steps] to run only the
+  steps k, ..., steps - 1 of the sampler's own schedule, x_T then being the latent noised to the level
+  `start_alpha(name, alphas_cumprod, steps, k)` gives: x_T = sqrt(a) x_0 + sqrt(1 - a) noise. DDIM and PLMS
+  take the original img2img.py's level (one DDIM stride above the first time run), the k-diffusion family
+  the first level it runs; `img2img_plan` turns a strength into (first_step, a).
 """
 
 from dataclasses import dataclass
 from typing import Callable
 
-from . import k_samplers
+from . import ddim, k_samplers
 from .ddim import sample_ddim, sample_plms
 from .guidance import cfg_denoiser
 from .parameterization import PARAMETERIZATIONS
@@ -35,6 +40,7 @@ class Sampler:
     description: str
     stochastic: bool = False  # draws noise at every step by default, so it needs a generator (ddim only when eta > 0)
     takes_eta: bool = False  # takes eta and a generator: ddim and the ancestral samplers
+    levels: str = "linspace"  # its step selection: "ddim", or a k_samplers.SPACINGS key (for start_alpha)
 
 
 _KARRAS = " with the Karras et al. (2022) noise levels"
@@ -43,22 +49,22 @@ SAMPLERS: dict[str, Sampler] = {
     s.name: s
     for s in [
         Sampler("ddim", sample_ddim, "DDIM (Song et al. 2021), the original's default; --ddim_eta > 0 adds noise",
-                takes_eta=True),
-        Sampler("plms", sample_plms, "PLMS (Liu et al. 2022) as the original --plms"),
+                takes_eta=True, levels="ddim"),
+        Sampler("plms", sample_plms, "PLMS (Liu et al. 2022) as the original --plms", levels="ddim"),
         Sampler("dpm_solver", k_samplers.sample_dpm_solver,
-                "DPM-Solver++(2M), time-uniform steps, as the original --dpm_solver"),
+                "DPM-Solver++(2M), time-uniform steps, as the original --dpm_solver", levels="time_uniform"),
         Sampler("lms", k_samplers.sample_lms, "k-diffusion linear multistep, order 4"),
         Sampler("euler", k_samplers.sample_euler, "k-diffusion Euler (Karras et al. 2022)"),
         Sampler("euler_a", k_samplers.sample_euler_ancestral, "k-diffusion Euler ancestral: fresh noise every step",
                 stochastic=True, takes_eta=True),
         Sampler("heun", k_samplers.sample_heun, "k-diffusion Heun (Karras et al. 2022), 2 evaluations per step"),
         Sampler("dpmpp_2m", k_samplers.sample_dpmpp_2m, "k-diffusion DPM-Solver++(2M) (Lu et al. 2022)"),
-        Sampler("lms_karras", k_samplers.sample_lms_karras, "lms" + _KARRAS),
-        Sampler("euler_karras", k_samplers.sample_euler_karras, "euler" + _KARRAS),
+        Sampler("lms_karras", k_samplers.sample_lms_karras, "lms" + _KARRAS, levels="karras"),
+        Sampler("euler_karras", k_samplers.sample_euler_karras, "euler" + _KARRAS, levels="karras"),
         Sampler("euler_a_karras", k_samplers.sample_euler_ancestral_karras, "euler_a" + _KARRAS,
-                stochastic=True, takes_eta=True),
-        Sampler("heun_karras", k_samplers.sample_heun_karras, "heun" + _KARRAS),
-        Sampler("dpmpp_2m_karras", k_samplers.sample_dpmpp_2m_karras, "dpmpp_2m" + _KARRAS),
+                stochastic=True, takes_eta=True, levels="karras"),
+        Sampler("heun_karras", k_samplers.sample_heun_karras, "heun" + _KARRAS, levels="karras"),
+        Sampler("dpmpp_2m_karras", k_samplers.sample_dpmpp_2m_karras, "dpmpp_2m" + _KARRAS, levels="karras"),
     ]
 }
 
@@ -81,13 +87,33 @@ def check_eta(name: str, eta: float | None) -> None:
         raise ValueError(f"sampler {name!r} is deterministic: --ddim_eta applies to ddim and the ancestral samplers")
 
 
-def sample(name, model_fn, x_T, alphas_cumprod, steps, generator=None, callback=None, eta=None, parameterization="eps"):
+def sample(name, model_fn, x_T, alphas_cumprod, steps, generator=None, callback=None, eta=None, parameterization="eps",
+           first_step=None):
     """Run the sampler called `name` (see the module docstring for the arguments); returns the final latent."""
     sampler = get_sampler(name)
     check_eta(name, eta)
     noise = {"generator": generator, "eta": eta} if sampler.takes_eta else {}
+    part = {"first_step": first_step} if first_step is not None else {}
     return sampler.fn(model_fn, x_T, alphas_cumprod, steps, parameterization=parameterization, callback=callback,
-                      **noise)
+                      **noise, **part)
 
 
-__all__ = ["PARAMETERIZATIONS", "SAMPLERS", "Sampler", "cfg_denoiser", "check_eta", "get_sampler", "sample"]
+def start_alpha(name, alphas_cumprod, steps: int, first_step: int) -> float:
+    """a_t of the latent the sampler `name` expects when started at `first_step` of its `steps`-step schedule."""
+    levels = get_sampler(name).levels
+    if levels == "ddim":
+        return ddim.start_alpha(alphas_cumprod, steps, first_step)
+    return k_samplers.start_alpha(alphas_cumprod, steps, first_step, levels)
+
+
+def img2img_plan(name, alphas_cumprod, steps: int, strength: float) -> tuple[int, float]:
+    """(first_step, a_t) of an img2img run at denoising `strength` in [0, 1]: as the original img2img.py,
+    t_enc = int(strength * steps) steps run, the last t_enc of the schedule (first_step = steps - t_enc)."""
+    if not 0 <= strength <= 1:
+        raise ValueError(f"--strength must be between 0 and 1, got {strength}")
+    first_step = steps - int(strength * steps)
+    return first_step, start_alpha(name, alphas_cumprod, steps, first_step)
+
+
+__all__ = ["PARAMETERIZATIONS", "SAMPLERS", "Sampler", "cfg_denoiser", "check_eta", "get_sampler", "img2img_plan",
+           "sample", "start_alpha"]

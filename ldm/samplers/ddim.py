@@ -2,6 +2,10 @@
 
 Both step from the selected time t_i to the previous selected one t_{i-1}; the last step lands on
 alphas_cumprod[0] (not on a_0 = 1), as the original's ddim_alphas_prev and diffusers' set_alpha_to_one=False.
+
+Started part-way (img2img, `first_step=k`), they run the last steps - k steps of the same schedule from a
+latent noised to `start_alpha`: as the original img2img.py, one DDIM stride *above* the first time run (its
+stochastic_encode noises to ddim_alphas[t_enc], its decode then runs ddim_timesteps[:t_enc] from the top).
 """
 
 import math
@@ -23,6 +27,20 @@ def _ddim_coefficients(alphas_cumprod, steps: int, eta: float):
     return list(zip(ts.tolist(), a.tolist(), a_prev.tolist(), sigma.tolist()))
 
 
+def start_alpha(alphas_cumprod, steps: int, first_step: int) -> float:
+    """a_t of the latent a part-way run from `first_step` starts from: the original img2img.py's
+    `stochastic_encode` level ddim_alphas[t_enc] with t_enc = steps - first_step, i.e. the DDIM time one
+    stride above the first one run. The original indexes past its schedule at t_enc = steps (strength 1);
+    here that level continues the schedule by one stride, capped at the last training time."""
+    ac = schedule.as_float64(alphas_cumprod)
+    ts = schedule.ddim_timesteps(steps, len(ac))
+    t_enc = steps - first_step
+    if not 0 <= t_enc <= steps:
+        raise ValueError(f"first_step must be between 0 and {steps}, got {first_step}")
+    t = ts[t_enc].item() if t_enc < steps else min(ts[-1].item() + len(ac) // steps, len(ac) - 1)
+    return ac[t].item()
+
+
 def _ddim_step(eps, pred_x0, a_prev, sigma_t, noise=None):
     """One DDIM update to x_{t_prev} from the predicted noise and clean latent (Song et al. 2021, eq. 12)."""
     x_prev = math.sqrt(a_prev) * pred_x0 + math.sqrt(max(1 - a_prev - sigma_t**2, 0.0)) * eps
@@ -32,12 +50,12 @@ def _ddim_step(eps, pred_x0, a_prev, sigma_t, noise=None):
 
 
 def sample_ddim(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", generator=None, callback=None,
-                eta=None):
+                eta=None, first_step=None):
     """DDIM, deterministic at eta=0, ancestral-like noise for eta>0 (Song et al. 2021, arXiv:2010.02502)."""
     check_parameterization(parameterization)
     eta = 0.0 if eta is None else float(eta)
     x = x_T
-    for i, (t, a_t, a_prev, sigma_t) in enumerate(_ddim_coefficients(alphas_cumprod, steps, eta)):
+    for i, (t, a_t, a_prev, sigma_t) in enumerate(_ddim_coefficients(alphas_cumprod, steps, eta)[first_step or 0:]):
         eps, pred_x0 = eps_and_x0(model_fn(x, time_tensor(t, x)), x, a_t, parameterization)
         noise = randn_like(x, generator) if eta > 0 else None
         x = _ddim_step(eps, pred_x0, a_prev, sigma_t, noise)
@@ -46,7 +64,7 @@ def sample_ddim(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps",
     return x
 
 
-def sample_plms(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None):
+def sample_plms(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None, first_step=None):
     """Pseudo linear multistep as the CompVis PLMSSampler (PNDM, Liu et al. 2022, arXiv:2202.09778, eq. 12).
 
     The first step warms up with a pseudo improved Euler step: a DDIM step with eps(x, t), a second
@@ -55,7 +73,7 @@ def sample_plms(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps",
     A v model's output is turned into eps at each evaluation's own x_t and a_t.
     """
     check_parameterization(parameterization)
-    coeffs = _ddim_coefficients(alphas_cumprod, steps, 0.0)
+    coeffs = _ddim_coefficients(alphas_cumprod, steps, 0.0)[first_step or 0:]  # part-way: warm up at first_step
 
     def eps_at(x, t, a_t):
         return eps_and_x0(model_fn(x, time_tensor(t, x)), x, a_t, parameterization)[0]

@@ -144,13 +144,33 @@ SPACINGS = {
 }
 
 
-def _run(solver, model_fn, x_T, alphas_cumprod, steps, spacing, parameterization, callback, **kwargs):
-    """The common entry: noise levels and denoiser for the discrete schedule, then `solver` from sigma_max down."""
+def _levels(alphas_cumprod, steps, spacing):
+    """(the training sigmas, the sampler's decreasing noise levels as floats)."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    spacing = SPACINGS[spacing]
     train_sigmas = schedule.sigmas_from_alphas_cumprod(alphas_cumprod)
-    sigmas = spacing.levels(train_sigmas, steps).tolist()
+    return train_sigmas, SPACINGS[spacing].levels(train_sigmas, steps).tolist()
+
+
+def start_alpha(alphas_cumprod, steps: int, first_step: int, spacing: str = "linspace") -> float:
+    """a_t = 1 / (sigma^2 + 1) of the level a part-way run from `first_step` starts at."""
+    _, sigmas = _levels(alphas_cumprod, steps, spacing)
+    if not 0 <= first_step <= steps:
+        raise ValueError(f"first_step must be between 0 and {steps}, got {first_step}")
+    return 1.0 / (sigmas[first_step] ** 2 + 1)
+
+
+def _run(solver, model_fn, x_T, alphas_cumprod, steps, spacing, parameterization, callback, first_step=None,
+         **kwargs):
+    """The common entry: noise levels and denoiser for the discrete schedule, then `solver` from sigma_max down
+    (from sigmas[first_step], x_T then the variance-preserving latent there, when first_step is given)."""
+    train_sigmas, sigmas = _levels(alphas_cumprod, steps, spacing)
+    spacing = SPACINGS[spacing]
+    if first_step is not None:
+        sigmas = sigmas[first_step:]
+        x_start = x_T * math.sqrt(sigmas[0] ** 2 + 1)  # variance preserving -> exploding
+    else:
+        x_start = x_T * spacing.start_scale(sigmas[0])
 
     def sigma_to_t(sigma):
         return schedule.sigma_to_t(sigma, train_sigmas, spacing.space).item()
@@ -162,39 +182,44 @@ def _run(solver, model_fn, x_T, alphas_cumprod, steps, spacing, parameterization
             callback(i, x / math.sqrt(sigmas[i + 1] ** 2 + 1), denoised)
 
     denoise = discrete_denoiser(model_fn, sigma_to_t, parameterization)
-    x = solver(denoise, x_T * spacing.start_scale(sigmas[0]), sigmas, callback=vp_callback, **kwargs)
+    if len(sigmas) < 2:  # first_step == steps: nothing left to run
+        return x_T
+    x = solver(denoise, x_start, sigmas, callback=vp_callback, **kwargs)
     return x / math.sqrt(sigmas[-1] ** 2 + 1)
 
 
-def sample_euler(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None, spacing="linspace"):
+def sample_euler(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None, spacing="linspace",
+                first_step=None):
     """Euler (Karras et al. 2022) on the discrete schedule."""
-    return _run(euler, model_fn, x_T, alphas_cumprod, steps, spacing, parameterization, callback)
+    return _run(euler, model_fn, x_T, alphas_cumprod, steps, spacing, parameterization, callback, first_step)
 
 
 def sample_euler_ancestral(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", generator=None,
-                           callback=None, eta=None, spacing="linspace"):
+                           callback=None, eta=None, spacing="linspace", first_step=None):
     """Euler ancestral (k-diffusion) on the discrete schedule; eta scales the fresh noise (default 1)."""
     eta = 1.0 if eta is None else float(eta)
     return _run(euler_ancestral, model_fn, x_T, alphas_cumprod, steps, spacing, parameterization, callback,
-                generator=generator, eta=eta)
+                first_step, generator=generator, eta=eta)
 
 
-def sample_heun(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None, spacing="linspace"):
+def sample_heun(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None, spacing="linspace",
+                first_step=None):
     """Heun (Karras et al. 2022) on the discrete schedule: 2 model evaluations per step, 1 on the last."""
-    return _run(heun, model_fn, x_T, alphas_cumprod, steps, spacing, parameterization, callback)
+    return _run(heun, model_fn, x_T, alphas_cumprod, steps, spacing, parameterization, callback, first_step)
 
 
-def sample_lms(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None, spacing="linspace"):
+def sample_lms(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None, spacing="linspace",
+                first_step=None):
     """Linear multistep, order 4 (k-diffusion) on the discrete schedule."""
-    return _run(lms, model_fn, x_T, alphas_cumprod, steps, spacing, parameterization, callback)
+    return _run(lms, model_fn, x_T, alphas_cumprod, steps, spacing, parameterization, callback, first_step)
 
 
 def sample_dpmpp_2m(model_fn, x_T, alphas_cumprod, steps, *, parameterization="eps", callback=None,
-                    spacing="linspace"):
+                    spacing="linspace", first_step=None):
     """DPM-Solver++(2M) (Lu et al. 2022) on the discrete schedule. As the original's --dpm_solver, the last
     step is first order below 15 steps (a step into sigma 0 always is)."""
     return _run(dpmpp_2m, model_fn, x_T, alphas_cumprod, steps, spacing, parameterization, callback,
-                lower_order_final=steps < 15)
+                first_step, lower_order_final=steps < 15)
 
 
 sample_euler_karras = partial(sample_euler, spacing="karras")
