@@ -48,6 +48,7 @@ DEFAULTS = {
     "save_intermediates": False,
     "safety_checker": None, "no_safety_checker": False, "nsfw": "black", "watermark": "StableDiffusionV1",
     "no_watermark": False, "verbose": False,
+    "lora": [], "lora_dir": "models/Lora", "embeddings_dir": "models/embeddings", "clip_skip": 1,
 }
 DEMO_PRESET = {"config": DEMO_CONFIG, "ckpt": DEMO_CKPT, "H": 64, "W": 64}
 SAMPLER_FLAGS = ("sampler", "plms", "dpm_solver")  # one choice: a layer that sets any of them replaces all three
@@ -94,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"with --from-file, render each prompt of the file this many times in a row (default {d['repeat']})")
     g.add_argument("--no_emphasis", action="store_true",
                    help="take prompts literally: no (word), [word], {word}, (word:1.3) weighting")
+
+    g.add_argument("--lora", action="append", metavar="FILE[:MULT]",
+                   help="apply this LoRA file to every image (multiplier default 1; repeatable); in a prompt, "
+                        "<lora:NAME:MULT> or <lora:NAME:TE_MULT:UNET_MULT> applies NAME from --lora_dir")
+    g.add_argument("--lora_dir", type=str, metavar="DIR",
+                   help=f"where <lora:NAME:...> finds NAME.safetensors / .pt (default {d['lora_dir']})")
+    g.add_argument("--embeddings_dir", type=str, metavar="DIR",
+                   help="textual-inversion embeddings, used where their file name is a word of the prompt "
+                        f"(default {d['embeddings_dir']})")
+    g.add_argument("--clip_skip", type=int, metavar="N",
+                   help="stop the text encoder N-1 layers before its last, as the web UIs (default 1; v1 models; "
+                        "SD 2.x fixes its layer)")
 
     g = p.add_argument_group("sampling")
     g.add_argument("--sampler", type=str, metavar="NAME", help="sampler (default ddim); see --list_samplers")
@@ -199,7 +212,7 @@ def png_settings(path, explicit: dict) -> tuple[dict, dict]:
 
     meta = metadata.options_from_parameters(read_parameters(path))
     names = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "ddim_steps", "scale": "scale",
-             "seed": "seed", "H": "H", "W": "W", "eta": "ddim_eta", "sampler": "sampler"}
+             "seed": "seed", "H": "H", "W": "W", "eta": "ddim_eta", "sampler": "sampler", "clip_skip": "clip_skip"}
     layer = {dest: meta[key] for key, dest in names.items() if key in meta}
     layer.update(no_emphasis=not meta["emphasis"], n_samples=1, n_iter=1)
     if meta.get("model_hash") and "ckpt" not in explicit:
@@ -404,7 +417,7 @@ def _run(explicit: dict) -> int:
 
     opts = Options(sampler=resolve_sampler(args), steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta,
                    H=args.H, W=args.W, C=args.C, f=args.f, emphasis=not args.no_emphasis,
-                   intermediates=args.save_intermediates, batched=args.batched)
+                   intermediates=args.save_intermediates, batched=args.batched, clip_skip=args.clip_skip)
     checks.check_flags(args)  # finite, in range, a known device form: after --from_png filled in its values
     opts.validate()
     if args.from_file:
@@ -446,6 +459,7 @@ def _run(explicit: dict) -> int:
         error, pipe, load_s = None, None, 0.0
         try:
             pipe, load_s = _load(args, explicit, config, ckpt, opts, world, png_meta)
+            pipe.extras.check([item for items in plan for item in items])  # every LoRA named, before any image
         except Exception as e:  # every rank learns that this one cannot start
             error = e
         _agree(world, error)
@@ -478,7 +492,10 @@ def _load(args, explicit, config, ckpt, opts, world, png_meta):
                                       prepack_latent_size=opts.latent_shape()[1:])
     pipe = pipeline.Txt2Img.from_files(config, ckpt, device=device, precision=args.precision, use_ema=args.use_ema,
                                        safety_checker=checker, nsfw=args.nsfw, backend=backend,
-                                       parameterization=args.parameterization)
+                                       parameterization=args.parameterization, lora_dir=args.lora_dir,
+                                       embeddings_dir=args.embeddings_dir, loras=_cli_loras(args.lora))
+    if png_meta:
+        pipe.extras.restore(png_meta.get("lora_hashes", {}), png_meta.get("ti_hashes", {}))
     if pipe.detection is not None:
         notice(pipe.detection.message)
     for name in args.auto_size:
@@ -494,6 +511,13 @@ def _load(args, explicit, config, ckpt, opts, world, png_meta):
         notice(f"{args.from_png} was made with model hash {png_meta['model_hash']} ({png_meta.get('model', '?')}); "
                f"this run uses {pipe.model_hash} ({pipe.model_name}): the image will differ")
     return pipe, time.perf_counter() - t0
+
+
+def _cli_loras(specs) -> list[tuple[str, float]]:
+    """--lora FILE[:MULT] flags -> [(file, multiplier)]."""
+    from .lora import parse_cli_lora
+
+    return [parse_cli_lora(spec) for spec in specs or []]
 
 
 def _torch_threads():

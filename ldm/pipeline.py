@@ -51,6 +51,7 @@ from .metadata import (  # noqa: F401 (re-exported)
     sampler_from_label,
     settings,
 )
+from .networks import PromptExtras, clip_skip_error
 from .paths import DEMO_CKPT, DEMO_CONFIG, REPO_ROOT, missing_checkpoint_message, repo_path  # noqa: F401
 from .planning import WorkItem, check_counts, plan_work, prompt_batches, start_code  # noqa: F401 (re-exported)
 from .prompt import encode_weighted, pad_chunks, tokenize_weighted
@@ -88,6 +89,7 @@ class Options:
     # kernels chosen by batch size make an image differ from its regeneration alone in rounding.
     # False (the default) runs them one at a time, so an image depends only on its own item.
     batched: bool = False
+    clip_skip: int = 1  # the web UIs' meaning: 1 the last layer, 2 the penultimate (v1; see ldm.networks)
 
     def validate(self, model=None):
         """ValueError for anything a run cannot do; with a model, also its latent channels and factor."""
@@ -105,6 +107,9 @@ class Options:
         if self.eta is not None:
             checks.number("ddim_eta", self.eta)
         check_eta(sampler.name, self.eta)
+        skip_error = clip_skip_error(model, self.clip_skip)
+        if skip_error:
+            raise ValueError(skip_error)
         if model is not None:
             if self.C != model.channels:
                 raise ValueError(f"--C {self.C}: this model has {model.channels} latent channels")
@@ -204,7 +209,7 @@ class Txt2Img:
     PROMPT_CACHE = 64  # distinct prompt texts whose tokens / embeddings are kept
 
     def __init__(self, model, device="cpu", precision="autocast", model_name="model", model_hash=None,
-                 safety_checker=None, nsfw="black", backend=None):
+                 safety_checker=None, nsfw="black", backend=None, lora_dir=None, embeddings_dir=None, loras=()):
         self.device = torch.device(device)
         self.dtype, self.autocast, notice = resolve_precision(self.device, precision)
         if notice:
@@ -224,6 +229,8 @@ class Txt2Img:
         self._chunks = _LRU(self.PROMPT_CACHE)  # (text, emphasis) -> PromptChunks
         self._embeddings = _LRU(self.PROMPT_CACHE)  # (text, emphasis, n_chunks) -> (1, 77 * n_chunks, D)
         self.detection = None  # what ldm.detect chose, when the config was not given (see from_files)
+        # LoRA tags, embedding words, clip skip: `loras` [(file, multiplier)] apply to every image
+        self.extras = PromptExtras(self.model, lora_dir, embeddings_dir, loras)
 
     @classmethod
     def from_files(cls, config=None, ckpt=DEFAULT_CKPT, device=None, precision="autocast", use_ema=False,
@@ -284,7 +291,8 @@ class Txt2Img:
 
     def _tokens(self, text: str, emphasis: bool):
         def tokenize():
-            chunks = tokenize_weighted(text, self.model.cond_stage_model.tokenizer, emphasis=emphasis)
+            chunks = tokenize_weighted(self.extras.clean(text), self.extras.tokenizer(self.model.cond_stage_model.tokenizer),
+                                       emphasis=emphasis)
             if chunks.n_chunks > 1:
                 log.warning("prompt of %d tokens is longer than 75: encoded in %d chunks of 75 tokens (%s)",
                             chunks.n_tokens, chunks.n_chunks, _short(text))
@@ -292,19 +300,22 @@ class Txt2Img:
 
         return self._chunks.get_or_make((text, emphasis), tokenize)
 
-    def _encode(self, text: str, emphasis: bool, chunks) -> torch.Tensor:
+    def _encode(self, text: str, emphasis: bool, chunks, clip_skip: int = 1) -> torch.Tensor:
         def encode():
             with torch.no_grad(), self._autocast():
-                return encode_weighted(chunks, self.model.cond_stage_model.encode_ids)
+                return encode_weighted(chunks, self.extras.encoder(self.model.cond_stage_model, clip_skip))
 
-        return self._embeddings.get_or_make((text, emphasis, chunks.n_chunks), encode)
+        # the merged LoRA set changes the text encoder: a different set encodes again
+        key = (text, emphasis, chunks.n_chunks, clip_skip, self.extras.state)
+        return self._embeddings.get_or_make(key, encode)
 
-    def conditioning(self, prompt: str, negative_prompt: str = "", emphasis: bool = True):
+    def conditioning(self, prompt: str, negative_prompt: str = "", emphasis: bool = True, clip_skip: int = 1):
         """(cond, uncond), each (1, 77 * n_chunks, D): the two prompts encoded in the same number
-        of 75-token chunks (the shorter padded with empty chunks), each distinct text once."""
+        of 75-token chunks (the shorter padded with empty chunks), each distinct text once. The
+        LoRA set merged now (`self.extras.activate`) applies."""
         tokenizer = self.model.cond_stage_model.tokenizer
         c, u = pad_chunks(self._tokens(prompt, emphasis), self._tokens(negative_prompt, emphasis), tokenizer)
-        return self._encode(prompt, emphasis, c), self._encode(negative_prompt, emphasis, u)
+        return self._encode(prompt, emphasis, c, clip_skip), self._encode(negative_prompt, emphasis, u, clip_skip)
 
     def _n_chunks(self, item: WorkItem, emphasis: bool) -> int:
         return max(self._tokens(item.prompt, emphasis).n_chunks, self._tokens(item.negative_prompt, emphasis).n_chunks)
@@ -321,13 +332,14 @@ class Txt2Img:
         if opts.stochastic or not opts.batched:
             return [[i] for i in range(len(items))]
         groups = {}
-        for i, item in enumerate(items):
-            groups.setdefault(self._n_chunks(item, opts.emphasis), []).append(i)
+        for i, item in enumerate(items):  # one LoRA set a run
+            groups.setdefault((self._n_chunks(item, opts.emphasis), self.extras.uses(item)), []).append(i)
         return list(groups.values())
 
     def guided_denoiser(self, items: list[WorkItem], opts: Options):
         """The classifier-free guided noise prediction for these items, sampled together."""
-        conds, unconds = zip(*(self.conditioning(item.prompt, item.negative_prompt, opts.emphasis) for item in items))
+        conds, unconds = zip(*(self.conditioning(item.prompt, item.negative_prompt, opts.emphasis, opts.clip_skip)
+                               for item in items))
         return cfg_denoiser(self._eps_model, torch.cat(conds), torch.cat(unconds), opts.scale,
                             fans_out=fans_out(self.model))
 
@@ -347,11 +359,13 @@ class Txt2Img:
         """Images for a batch of work items, in order. `callback(i, x_t, x0_pred)` is called once
         per step of each sampler run (see `sampler_runs`)."""
         opts.validate(self.model)
+        self.extras.check(items)
         keep = _intermediate_steps(opts.steps) if opts.intermediates else set()
         latents = [None] * len(items)
         kept = [[] for _ in items]  # per item: [(x_t, x0_pred)] at the kept steps, on the CPU
         with torch.no_grad(), self._autocast():
             for run in self.sampler_runs(items, opts):
+                self.extras.activate(items[run[0]])
                 z = self.sample([items[i] for i in run], opts, _step_hook(run, keep, kept, callback))
                 for j, pos in enumerate(run):
                     latents[pos] = z[j]
@@ -402,23 +416,25 @@ class Txt2Img:
 
     def settings(self, item: WorkItem, opts: Options) -> dict:
         """The web UI's settings line of one image, as an ordered dict."""
-        return settings(item, opts, self.model_name, self.model_hash)
+        return {**settings(item, opts, self.model_name, self.model_hash), **self.extras.settings(item, opts.clip_skip)}
 
     # --- the whole run
 
     def __call__(self, prompt=DEFAULT_PROMPT, negative_prompt="", *, sampler="ddim", steps=50, scale=7.5, eta=None,
                  H=None, W=None, C=4, f=8, seed=42, n_samples=3, n_iter=2, fixed_code=False, emphasis=True,
-                 intermediates=False, batched=False, callback=None) -> list[Result]:
+                 intermediates=False, batched=False, clip_skip=1, callback=None) -> list[Result]:
         """Generate n_iter x n_samples images of `prompt` (a string), or, for a list of prompts, each
         prompt once per iteration in batches of n_samples (as --from-file). `negative_prompt` is one
         string or a list matching the prompts. H and W default to `default_size`."""
         H, W = (self.default_size if side is None else side for side in (H, W))
-        opts = Options(sampler, steps, scale, eta, H, W, C, f, emphasis, intermediates, batched)
+        opts = Options(sampler, steps, scale, eta, H, W, C, f, emphasis, intermediates, batched, clip_skip)
         opts.validate(self.model)
         check_counts(n_samples, n_iter)
         batches = prompt_batches(prompt, negative_prompt, n_samples, repeat=isinstance(prompt, str))
+        plan = plan_work(batches, n_iter, seed, fixed_code)
+        self.extras.check([item for items in plan for item in items])  # a bad LoRA fails before any image
         results = []
-        for items in plan_work(batches, n_iter, seed, fixed_code):
+        for items in plan:
             results += self.generate_batch(items, opts, callback)
         return results
 
