@@ -77,9 +77,19 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--out", default=str(ROOT / "bench/results/lora.json"))
+    p.add_argument("--ckpt", default=str(ROOT / "bench/results/sd-v1-random.ckpt"),
+                   help="a v1 checkpoint (bench/make_checkpoint.py writes this one); random init if absent")
     args = p.parse_args()
 
-    model = build_model({"model": model_config(V1_CONFIG)}, "cpu").eval()
+    t0 = time.perf_counter()
+    if Path(args.ckpt).is_file():
+        from ldm.checkpoint import load_model
+
+        model = load_model({"model": model_config(V1_CONFIG)}, args.ckpt)
+    else:
+        model = build_model({"model": model_config(V1_CONFIG)}, "cpu")
+    model.eval()
+    load_s = time.perf_counter() - t0
     optimize(model, BackendOptions(prepack_latent_size=args.latent))
     folder = ROOT / "bench/results/Lora"
     folder.mkdir(parents=True, exist_ok=True)
@@ -102,7 +112,7 @@ def main():
     merger.apply([])
     remove_s = time.perf_counter() - t0
     result = {
-        "lora_mb": round(size_mb, 1), "modules": len(lora.modules), "rank": args.rank,
+        "model_load_s": round(load_s, 2), "lora_mb": round(size_mb, 1), "modules": len(lora.modules), "rank": args.rank,
         "read_s": round(read_s, 3), "merge_s": round(merge_s, 3), "apply_total_s": round(read_s + merge_s, 3),
         "remove_s": round(remove_s, 3), "latent": args.latent, "step_s_base": round(base_step, 3),
         "step_s_lora": round(lora_step, 3), "threads": torch.get_num_threads(),

@@ -170,6 +170,19 @@ class EmbeddingTokenizer:
     def __getattr__(self, name):  # bos/eos/pad ids, decode, ... of the wrapped tokenizer
         return getattr(self.base, name)
 
+    def spans(self, ids: list[int]) -> list[tuple[int, int]]:
+        """(start, end) of each embedding's run of placeholder ids in `ids` (kept whole in one chunk)."""
+        firsts = {first: n for first, n in (v for v in self.library._loaded.values() if v)}
+        out, i = [], 0
+        while i < len(ids):
+            n = firsts.get(ids[i])
+            if n and ids[i:i + n] == list(range(ids[i], ids[i] + n)):
+                out.append((i, i + n))
+                i += n
+            else:
+                i += 1
+        return out
+
     def encode(self, text: str) -> list[int]:
         pattern = self.library.pattern()
         if not pattern:

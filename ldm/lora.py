@@ -199,9 +199,8 @@ def diffusers_unet_name(name: str, blocks: dict[str, str]) -> str | None:
         if name == old or name.startswith(old + "."):
             return new + name[len(old):]
     parts = name.split(".")
-    if len(parts) < 3:
-        return None
-    prefix, rest = ".".join(parts[:3]), ".".join(parts[3:])
+    n = 2 if parts[0] == "middle_block" else 3  # middle_block.J, input_blocks.I.J, output_blocks.I.J
+    prefix, rest = ".".join(parts[:n]), ".".join(parts[n:])
     target = blocks.get(prefix)
     if target is None:
         return None

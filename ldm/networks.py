@@ -86,10 +86,14 @@ class PromptExtras:
         return tuple(out)
 
     def check(self, items):
-        """Find, read and check every LoRA these items name (LoraError on the first that fails)."""
+        """Find, read and check every LoRA these items name, and read the embeddings their prompts use
+        (LoraError / EmbeddingError on the first that fails)."""
         for uses in {self.uses(item) for item in items}:
             for use in uses:
                 self.loras.get(use.name)
+        if self.embeddings is not None:
+            for text in {t for item in items for t in (item.prompt, item.negative_prompt)}:
+                self.embeddings.names_in(self.clean(text))
 
     def activate(self, item):
         """Merge the item's LoRA set into the model (nothing to do when it is already there)."""

@@ -68,11 +68,14 @@ def test_placeholders_count_in_chunks(tmp_path, tokenizer):
     assert ids[-len(tokenizer.encode("and sd2only")):] == tokenizer.encode("and sd2only")  # wrong width: text
     assert lib.vectors.shape == (3 + 2, 64)
     assert lib.names_in("mychar bad-hands sd2only xmychar") == ["mychar", "bad-hands"]
-    # 73 words of one token + a 3-vector embedding: 76 tokens, two chunks; the weight of the emphasis applies
+    # 73 words of one token + a 3-vector embedding: 76 tokens, two chunks; as in the web UI the embedding is
+    # not cut (it moves whole to the second chunk), and the weight of its emphasis applies to its vectors
     text = " ".join(["cat"] * 73) + " (mychar:1.5)"
     chunks = tokenize_weighted(text, tok)
     assert chunks.n_tokens == 76 and chunks.n_chunks == 2
-    assert chunks.ids[1, 1].item() == first + 2 and chunks.weights[1, 1].item() == pytest.approx(1.5)
+    assert chunks.ids[0, 1:75].tolist() == tokenizer.encode("cat") * 73 + [tokenizer.eos_token_id]
+    assert chunks.ids[1, 1:4].tolist() == [first, first + 1, first + 2]
+    assert chunks.weights[1, 1:4].tolist() == pytest.approx([1.5] * 3)
 
 
 @pytest.fixture(scope="module")
