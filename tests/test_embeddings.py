@@ -130,16 +130,26 @@ def test_parity_with_diffusers_load_textual_inversion(tmp_path, tokenizer, hf_to
 
 
 def test_clip_skip_parity_with_diffusers(hf_tokenizer, tiny_pair):
-    """web UI clip skip N = diffusers' clip_skip N - 1 (hidden state of layer -N, then the final layer norm)."""
+    """web UI clip skip N = diffusers' clip_skip N - 1: hidden_states[-(clip_skip + 1)], then the final layer norm.
+
+    diffusers' `encode_prompt` computes exactly that but reaches `text_encoder.text_model.final_layer_norm`,
+    which transformers 5 renamed; on such a version its formula is applied here to transformers' model."""
     from diffusers import StableDiffusionPipeline
 
     model, clip = tiny_pair
     pipe = StableDiffusionPipeline(vae=None, text_encoder=clip, tokenizer=hf_tokenizer, unet=None, scheduler=None,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    ids = hf_tokenizer("a red fox in the snow", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    prompt = "a red fox in the snow"
+    ids = hf_tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         for webui in (1, 2):
-            ref, _ = pipe.encode_prompt("a red fox in the snow", "cpu", 1, False, clip_skip=webui - 1 or None)
+            diffusers_skip = webui - 1 or None
+            if hasattr(clip, "text_model"):
+                ref, _ = pipe.encode_prompt(prompt, "cpu", 1, False, clip_skip=diffusers_skip)
+            else:
+                out = clip(input_ids=ids, output_hidden_states=True)
+                ref = out.last_hidden_state if diffusers_skip is None else \
+                    clip.final_layer_norm(out.hidden_states[-(diffusers_skip + 1)])
             assert rel_err(model.cond_stage_model.encode_ids(ids, clip_skip=webui), ref) < TOL
         assert rel_err(model.cond_stage_model.encode_ids(ids, clip_skip=2), model.cond_stage_model.encode_ids(ids)) > 1e-3
         with pytest.raises(ValueError, match="between 1 and 2"):
