@@ -44,7 +44,7 @@ def write_lora(model, path, rank=128):
     g = torch.Generator().manual_seed(0)
     sd = {}
     for name, target in table.items():
-        unet = name.startswith("lora_unet_") and name.startswith(("lora_unet_down", "lora_unet_mid", "lora_unet_up")) \
+        unet = name.startswith("lora_unet_") and name.startswith(("lora_unet_down_", "lora_unet_mid_block_", "lora_unet_up_")) \
             and name.endswith(tuple("_" + s.replace(".", "_") for s in KOHYA_UNET))
         te = name.startswith("lora_te_text_model_encoder_layers_")
         if not (unet or te):

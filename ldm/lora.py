@@ -552,9 +552,11 @@ class LoraMerger:
         return True
 
     def _refresh(self, keys):
-        """Rebuild what the backend derived from the changed weights: `refresh` over the modules that own
-        them and their parents (an attention module keeps the text's keys and values)."""
+        """Rebuild what the backend derived from the changed weights: `refresh` over the layers that own
+        them and the attention modules and upsamplers above them (the text's keys and values, the phase
+        kernels), nothing else (a container's other convolutions would be packed again for nothing)."""
         from .backends import is_optimized, refresh
+        from .models.unet import CrossAttention, Upsample
 
         if not keys or not is_optimized(self.model):
             return
@@ -562,7 +564,10 @@ class LoraMerger:
         owners = {}
         for key in keys:
             path = key.rsplit(".", 1)[0]
-            for name in (path, path.rsplit(".", 1)[0], path.rsplit(".", 2)[0]):
-                if name in modules:
+            owners[path] = modules[path]
+            parts = path.split(".")
+            for n in range(len(parts) - 1, max(len(parts) - 3, 0), -1):  # to_k, to_out.0 -> attn2; conv -> upsampler
+                name = ".".join(parts[:n])
+                if isinstance(modules.get(name), (CrossAttention, Upsample)):
                     owners[name] = modules[name]
         refresh(nn.ModuleList(owners.values()))

@@ -468,3 +468,28 @@ def test_every_key_of_a_real_shaped_sdxl_diffusers_lora_maps():
     assert len(lora.modules) == len(shapes) > 1000
     assert {m.name[:9] for m in lora.modules if m.target.part == "te"} == {"lora_te1_", "lora_te2_"}
     assert sum(m.target.rows is not None for m in lora.modules) == 3 * 32  # bigG's q, k, v
+
+
+def test_lora_for_every_image_equals_the_tag(tmp_path, tiny):
+    """Txt2Img(loras=[(file, m)]) (the command line's --lora FILE:m) is the tag <lora:NAME:m> in every prompt."""
+    import numpy as np
+
+    from ldm.pipeline import Txt2Img
+
+    _, base = tiny
+    shapes, _, _ = _tiny_kohya_shapes(base, convs=False)
+    (tmp_path / "Lora").mkdir()
+    save_file(_random_lora(shapes, seed=11), str(tmp_path / "Lora" / "detail.safetensors"))
+    run = dict(n_samples=1, n_iter=1, steps=2, H=64, W=64, seed=5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tagged = Txt2Img(copy.deepcopy(base), lora_dir=tmp_path / "Lora")("a fox <lora:detail:0.5>", **run)[0]
+        flag = Txt2Img(copy.deepcopy(base), loras=[(tmp_path / "Lora" / "detail.safetensors", 0.5)])("a fox", **run)[0]
+        plain = Txt2Img(copy.deepcopy(base))("a fox", **run)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(np.asarray(tagged.image), np.asarray(flag.image))
+    assert not np.array_equal(np.asarray(plain.image), np.asarray(flag.image))
+    assert tagged.settings["Lora hashes"] == flag.settings["Lora hashes"] == \
+        f"detail: {lora_hash(tmp_path / 'Lora' / 'detail.safetensors')}"
