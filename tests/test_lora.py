@@ -493,3 +493,28 @@ def test_lora_for_every_image_equals_the_tag(tmp_path, tiny):
     assert not np.array_equal(np.asarray(plain.image), np.asarray(flag.image))
     assert tagged.settings["Lora hashes"] == flag.settings["Lora hashes"] == \
         f"detail: {lora_hash(tmp_path / 'Lora' / 'detail.safetensors')}"
+
+
+def test_sd2_text_encoder_lora_equals_the_same_lora_on_transformers_clip():
+    """A kohya LoRA for a 2.x text encoder (transformers' names) merged into our OpenCLIP tower (q/k/v as rows of
+    in_proj_weight) gives what the same LoRA merged by the plain formula into transformers' CLIPTextModel gives."""
+    from test_sd2 import hf_text_model, tiny_v2_config
+
+    model = randomize_(build_model(tiny_v2_config(), "cpu"), seed=4).eval()
+    hf = hf_text_model(model.cond_stage_model, model.cond_stage_model.n_blocks)
+    shapes, layers = {}, {}
+    for name, m in hf.named_modules():
+        if isinstance(m, nn.Linear):
+            full = name if name.startswith("text_model.") else "text_model." + name
+            shapes["lora_te_" + full.replace(".", "_")] = tuple(m.weight.shape)
+            layers["lora_te_" + full.replace(".", "_")] = m
+    sd = _random_lora(shapes, seed=12, alpha=2.0)
+    with torch.no_grad():
+        for name, m in layers.items():
+            m.weight += 0.6 * (2.0 / 4) * sd[name + ".lora_up.weight"] @ sd[name + ".lora_down.weight"]
+    lora = Lora.from_state_dict("v2", "v2.safetensors", sd, model)
+    assert sum(m.target.rows is not None for m in lora.modules) == 3 * model.cond_stage_model.n_blocks
+    LoraMerger(model).apply([(lora, 0.6, 0.0)])
+    ids = model.cond_stage_model.tokenizer(["a castle on a hill, oil painting"])
+    with torch.no_grad():
+        assert rel_err(model.cond_stage_model.encode_ids(ids), hf(input_ids=ids).last_hidden_state) < TOL
