@@ -154,3 +154,16 @@ def test_clip_skip_parity_with_diffusers(hf_tokenizer, tiny_pair):
         assert rel_err(model.cond_stage_model.encode_ids(ids, clip_skip=2), model.cond_stage_model.encode_ids(ids)) > 1e-3
         with pytest.raises(ValueError, match="between 1 and 2"):
             model.cond_stage_model.encode_ids(ids, clip_skip=3)
+
+
+def test_clip_skip_range_per_family():
+    from test_sd2 import tiny_v2_config
+
+    from ldm.networks import clip_skip_error
+
+    v1 = build_model(tiny_config(), "meta")
+    v2 = build_model(tiny_v2_config(), "meta")
+    assert clip_skip_error(v1, 2) is None and clip_skip_error(v2, 1) is None and clip_skip_error(v2, 2) is None
+    assert "has 2 layers" in clip_skip_error(v1, 3)
+    assert "SD 2.x fixes its text layer" in clip_skip_error(v2, 3)
+    assert "positive integer" in clip_skip_error(None, 0)

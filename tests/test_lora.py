@@ -229,7 +229,8 @@ def test_switching_sets_without_reloading(tiny):
     merger.apply([(b, 1.0, 0.5)])
     assert all(torch.equal(v, only_b[k]) for k, v in model.state_dict().items())
     merger.apply([])
-    assert all(torch.equal(v, base.state_dict()[k]) for k, v in model.state_dict().items())
+    base_sd = base.state_dict()
+    assert all(torch.equal(v, base_sd[k]) for k, v in model.state_dict().items())
 
 
 def test_packed_model_gives_the_merged_result(tiny):
