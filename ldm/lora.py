@@ -115,7 +115,14 @@ def parse_cli_lora(spec: str) -> tuple[str, float]:
 
 def lora_hash(path) -> str:
     """The web UI's LoRA short hash: sha256 of a .safetensors file's data after its header (the
-    "addnet" hash kohya's scripts and the web UIs use), of the whole file otherwise; 12 hex digits."""
+    "addnet" hash kohya's scripts and the web UIs use), of the whole file otherwise; 12 hex digits.
+    Kept in the model-hash cache (`ldm.hashing`), so a folder is read once to be searched by hash."""
+    from .hashing import cached_file_hash
+
+    return cached_file_hash(path, "lora", _lora_hash)
+
+
+def _lora_hash(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         if str(path).endswith(".safetensors"):
@@ -127,7 +134,13 @@ def lora_hash(path) -> str:
 
 
 def file_hash(path) -> str:
-    """sha256 of the whole file, 12 hex digits (the web UI's embedding hash, "TI hashes")."""
+    """sha256 of the whole file, 12 hex digits (the web UI's embedding hash, "TI hashes"); cached as lora_hash."""
+    from .hashing import cached_file_hash
+
+    return cached_file_hash(path, "sha256-12", _file_hash)
+
+
+def _file_hash(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):

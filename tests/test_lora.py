@@ -327,7 +327,8 @@ def test_peft_parity_with_diffusers_fuse_lora(tiny):
 # ----------------------------------------------------------------------------- files and the folder
 
 
-def test_library_finds_by_stem_suggests_names_and_hashes_like_the_web_ui(tmp_path, tiny):
+def test_library_finds_by_stem_suggests_names_and_hashes_like_the_web_ui(tmp_path, tiny, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     _, model = tiny
     shapes, _, _ = _tiny_kohya_shapes(model, convs=False)
     folder = tmp_path / "Lora"
@@ -342,6 +343,10 @@ def test_library_finds_by_stem_suggests_names_and_hashes_like_the_web_ui(tmp_pat
     n = int.from_bytes(data[:8], "little")
     assert lora_hash(path) == hashlib.sha256(data[8 + n:]).hexdigest()[:12]  # the "addnet" hash: tensors only
     assert lib.find_by_hash("renamed", lora_hash(path)) == path
+    from ldm import hashing
+
+    cached = {k: v for k, v in hashing._read_cache().items() if k.startswith("lora|")}
+    assert list(cached.values()) == [lora_hash(path)] and hashing.hashed_before() == []  # not taken for a model
     torch.save(_random_lora(shapes, seed=2), folder / "old.pt")
     assert lora_hash(folder / "old.pt") == hashlib.sha256((folder / "old.pt").read_bytes()).hexdigest()[:12]
     assert len(lib.get("old").modules) == len(shapes)
@@ -471,10 +476,11 @@ def test_every_key_of_a_real_shaped_sdxl_diffusers_lora_maps():
     assert sum(m.target.rows is not None for m in lora.modules) == 3 * 32  # bigG's q, k, v
 
 
-def test_lora_for_every_image_equals_the_tag(tmp_path, tiny):
+def test_lora_for_every_image_equals_the_tag(tmp_path, tiny, monkeypatch):
     """Txt2Img(loras=[(file, m)]) (the command line's --lora FILE:m) is the tag <lora:NAME:m> in every prompt."""
     import numpy as np
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     from ldm.pipeline import Txt2Img
 
     _, base = tiny
