@@ -54,6 +54,7 @@ DEFAULTS = {
     "vae": None, "refiner": None, "refiner_switch": 0.8,
     "hr_scale": None, "hr_steps": None, "hr_strength": 0.5, "hr_upscaler": "latent",  # the hires fix
     "init_img": None, "strength": None, "mask": None, "mask_blur": 4,  # img2img only
+    "lora": [], "lora_dir": "models/Lora", "embeddings_dir": "models/embeddings", "clip_skip": 1,
 }
 IMG2IMG = "img2img"  # the `img2img` command: the same machinery, an init image instead of noise (ldm.img2img)
 # img2img's defaults where the original img2img.py's differ from txt2img.py's
@@ -133,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="inpainting: repaint only where this image is white (resized to the init image's size)")
         g.add_argument("--mask_blur", type=int, metavar="N",
                        help=f"radius of the Gaussian blur that softens the mask's edge (default {d['mask_blur']})")
+    g.add_argument("--lora", action="append", metavar="FILE[:MULT]",
+                   help="apply this LoRA file to every image (multiplier default 1; repeatable); in a prompt, "
+                        "<lora:NAME:MULT> or <lora:NAME:TE_MULT:UNET_MULT> applies NAME from --lora_dir")
+    g.add_argument("--lora_dir", type=str, metavar="DIR",
+                   help=f"where <lora:NAME:...> finds NAME.safetensors / .pt (default {d['lora_dir']})")
+    g.add_argument("--embeddings_dir", type=str, metavar="DIR",
+                   help="textual-inversion embeddings, used where their file name is a word of the prompt "
+                        f"(default {d['embeddings_dir']})")
+    g.add_argument("--clip_skip", type=int, metavar="N",
+                   help="stop the text encoder N-1 layers before its last, as the web UIs (default 1; v1 models; "
+                        "SD 2.x fixes its layer)")
+
     g = p.add_argument_group("sampling")
     g.add_argument("--sampler", type=str, metavar="NAME", help="sampler (default ddim); see --list_samplers")
     g.add_argument("--list_samplers", action="store_true", help="list the samplers and exit")
@@ -268,7 +281,8 @@ def png_settings(path, explicit: dict) -> tuple[dict, dict]:
     meta = metadata.options_from_parameters(read_parameters(path))
     names = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "ddim_steps", "scale": "scale",
              "seed": "seed", "H": "H", "W": "W", "eta": "ddim_eta", "sampler": "sampler",
-             "original_size": "original_size", "crop_coords": "crop_coords", "aesthetic_score": "aesthetic_score"}
+             "original_size": "original_size", "crop_coords": "crop_coords", "aesthetic_score": "aesthetic_score",
+             "clip_skip": "clip_skip"}
     names.update({k: k for k in ("strength",) if PROG == IMG2IMG})
     names.update({k: k for k in ("hr_scale", "hr_steps", "hr_strength", "hr_upscaler") if PROG != IMG2IMG})
     layer = {dest: meta[key] for key, dest in names.items() if key in meta}
@@ -485,7 +499,7 @@ def _run(explicit: dict) -> int:
                    intermediates=args.save_intermediates, batched=args.batched, original_size=args.original_size,
                    crop_coords=args.crop_coords, aesthetic_score=args.aesthetic_score, strength=args.strength,
                    hr_scale=args.hr_scale, hr_steps=args.hr_steps, hr_strength=args.hr_strength,
-                   hr_upscaler=args.hr_upscaler)
+                   hr_upscaler=args.hr_upscaler, clip_skip=args.clip_skip)
     checks.check_flags(args)  # finite, in range, a known device form: after --from_png filled in its values
     opts.validate()
     if args.from_file:
@@ -527,6 +541,7 @@ def _run(explicit: dict) -> int:
         error, pipe, load_s = None, None, 0.0
         try:
             pipe, load_s = _load(args, explicit, config, ckpt, opts, world, png_meta)
+            pipe.extras.check([item for items in plan for item in items])  # every LoRA named, before any image
         except Exception as e:  # every rank learns that this one cannot start
             error = e
         _agree(world, error)
@@ -563,7 +578,10 @@ def _load(args, explicit, config, ckpt, opts, world, png_meta):
     pipe = cls.from_files(config, ckpt, device=device, precision=args.precision, use_ema=args.use_ema,
                                        safety_checker=checker, nsfw=args.nsfw, backend=backend,
                                        parameterization=args.parameterization, vae=args.vae, refiner=args.refiner,
-                                       refiner_switch=args.refiner_switch)
+                                       refiner_switch=args.refiner_switch, lora_dir=args.lora_dir,
+                                       embeddings_dir=args.embeddings_dir, loras=_cli_loras(args.lora))
+    if png_meta:
+        pipe.extras.restore(png_meta.get("lora_hashes", {}), png_meta.get("ti_hashes", {}))
     if pipe.detection is not None:
         notice(pipe.detection.message)
     if args.init_image is None and type(pipe.model).__name__ == "LatentInpaintDiffusion":
@@ -589,6 +607,13 @@ def _load(args, explicit, config, ckpt, opts, world, png_meta):
         notice(f"{args.from_png} was made with model hash {png_meta['model_hash']} ({png_meta.get('model', '?')}); "
                f"this run uses {pipe.model_hash} ({pipe.model_name}): the image will differ")
     return pipe, time.perf_counter() - t0
+
+
+def _cli_loras(specs) -> list[tuple[str, float]]:
+    """--lora FILE[:MULT] flags -> [(file, multiplier)]."""
+    from .lora import parse_cli_lora
+
+    return [parse_cli_lora(spec) for spec in specs or []]
 
 
 def _torch_threads():

@@ -75,6 +75,21 @@ def checkpoint_hash(path) -> str:
     return value
 
 
+def cached_file_hash(path, kind: str, compute) -> str:
+    """`compute(path)` (a LoRA's or an embedding's short hash), kept in the same cache under the key
+    "kind|path:size:mtime_ns" (never taken for a checkpoint by `hashed_before`)."""
+    path = Path(path).resolve()
+    key = f"{kind}|{_key(path)}"
+    value = _read_cache().get(key)
+    if isinstance(value, str):
+        return value
+    value = compute(path)
+    cache = _read_cache()
+    cache[key] = value
+    _write_cache(cache)
+    return value
+
+
 def hashed_before() -> list[Path]:
     """The checkpoints the cache knows (its keys are "path:size:mtime_ns"), those still present."""
     paths = []

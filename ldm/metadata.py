@@ -78,11 +78,21 @@ def sampler_from_label(label: str) -> str:
     return name
 
 
+def parse_hash_list(text: str) -> dict[str, str]:
+    """`name: hash, name2: hash2` (the web UIs' `Lora hashes` and `TI hashes`) -> {name: hash}."""
+    out = {}
+    for part in text.split(","):
+        name, sep, value = part.rpartition(":")
+        if sep and name.strip() and value.strip():
+            out[name.strip()] = value.strip()
+    return out
+
+
 def options_from_parameters(text: str) -> dict:
     """What a `parameters` text records, as keyword arguments of `Txt2Img.__call__` (prompt,
-    negative_prompt, steps, sampler, scale, seed, H, W, eta, emphasis; SDXL's original_size, crop_coords,
-    aesthetic_score when recorded) plus "model_hash" and
-    "model" when present. ValueError when it lacks the seed or the steps."""
+    negative_prompt, steps, sampler, scale, seed, H, W, eta, emphasis, clip_skip; SDXL's original_size,
+    crop_coords, aesthetic_score when recorded) plus "model_hash" and "model" when present, and
+    "lora_hashes" / "ti_hashes" ({name: short hash}, maybe empty). ValueError when it lacks the seed or the steps."""
     meta = imagelib.parse_parameters(text)
     s = meta["settings"]
     missing = [k for k in ("Steps", "Seed") if k not in s]
@@ -124,6 +134,13 @@ def options_from_parameters(text: str) -> dict:
             raise
         raise ValueError(f"malformed settings in the image's parameters: {e}") from None
     out["emphasis"] = s.get("Emphasis", "").lower() not in ("none", "off")
+    if "Clip skip" in s:
+        try:
+            out["clip_skip"] = int(s["Clip skip"])
+        except ValueError:
+            raise ValueError(f"malformed Clip skip in the image's parameters: {s['Clip skip']!r}") from None
+    out["lora_hashes"] = parse_hash_list(s.get("Lora hashes", ""))
+    out["ti_hashes"] = parse_hash_list(s.get("TI hashes", ""))
     if "Model hash" in s:
         out["model_hash"] = s["Model hash"]
     if "Model" in s:

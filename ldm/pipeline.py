@@ -52,6 +52,7 @@ from .metadata import (  # noqa: F401 (re-exported)
     sampler_from_label,
     settings,
 )
+from .networks import PromptExtras, clip_skip_error
 from .paths import DEMO_CKPT, DEMO_CONFIG, REPO_ROOT, missing_checkpoint_message, repo_path  # noqa: F401
 from .planning import WorkItem, check_counts, plan_work, prompt_batches, start_code  # noqa: F401 (re-exported)
 from .prompt import encode_weighted, pad_chunks, tokenize_weighted
@@ -98,6 +99,7 @@ class Options:
     hr_steps: int | None = None  # its schedule's steps (None: steps)
     hr_strength: float = 0.5  # its denoising strength
     hr_upscaler: str = "latent"  # "latent" (bilinear on the latent) or "lanczos" (on the decoded picture)
+    clip_skip: int = 1  # the web UIs' meaning: 1 the last layer, 2 the penultimate (v1; see ldm.networks)
 
     def validate(self, model=None):
         """ValueError for anything a run cannot do; with a model, also its latent channels and factor."""
@@ -117,6 +119,9 @@ class Options:
         check_eta(sampler.name, self.eta)
         xl.check_options(self.original_size, self.crop_coords, self.aesthetic_score)
         self._validate_img2img()
+        skip_error = clip_skip_error(model, self.clip_skip)
+        if skip_error:
+            raise ValueError(skip_error)
         if model is not None:
             if self.C != model.channels:
                 raise ValueError(f"--C {self.C}: this model has {model.channels} latent channels")
@@ -227,7 +232,7 @@ class Txt2Img:
     PROMPT_CACHE = 64  # distinct prompt texts whose tokens / embeddings are kept
 
     def __init__(self, model, device="cpu", precision="autocast", model_name="model", model_hash=None,
-                 safety_checker=None, nsfw="black", backend=None):
+                 safety_checker=None, nsfw="black", backend=None, lora_dir=None, embeddings_dir=None, loras=()):
         self.device = torch.device(device)
         self.dtype, self.autocast, notice = resolve_precision(self.device, precision)
         if notice:
@@ -250,6 +255,8 @@ class Txt2Img:
         # (Txt2Img, switch): a second model denoising from the fraction `switch` of the schedule on
         # (SDXL's ensemble of experts), or None
         self.refiner = None
+        # LoRA tags, embedding words, clip skip: `loras` [(file, multiplier)] apply to every image
+        self.extras = PromptExtras(self.model, lora_dir, embeddings_dir, loras)
 
     @classmethod
     def from_files(cls, config=None, ckpt=DEFAULT_CKPT, device=None, precision="autocast", use_ema=False,
@@ -326,7 +333,9 @@ class Txt2Img:
 
     def _tokens(self, text: str, emphasis: bool):
         def tokenize():
-            chunks = tokenize_weighted(text, xl.tokenizer(self.model), emphasis=emphasis)
+            tokenizer = xl.tokenizer(self.model) if xl.is_sdxl(self.model) else \
+                self.extras.tokenizer(self.model.cond_stage_model.tokenizer)  # embedding words as placeholder ids
+            chunks = tokenize_weighted(self.extras.clean(text), tokenizer, emphasis=emphasis)
             if chunks.n_chunks > 1:
                 log.warning("prompt of %d tokens is longer than 75: encoded in %d chunks of 75 tokens (%s)",
                             chunks.n_tokens, chunks.n_chunks, _short(text))
@@ -334,22 +343,25 @@ class Txt2Img:
 
         return self._chunks.get_or_make((text, emphasis), tokenize)
 
-    def _encode(self, text: str, emphasis: bool, chunks) -> torch.Tensor:
+    def _encode(self, text: str, emphasis: bool, chunks, clip_skip: int = 1) -> torch.Tensor:
         def encode():
             with torch.no_grad(), self._autocast():
                 if xl.is_sdxl(self.model):  # (context, pooled)
                     return xl.encode_prompt(self.model.conditioner, chunks)
-                return encode_weighted(chunks, self.model.cond_stage_model.encode_ids)
+                return encode_weighted(chunks, self.extras.encoder(self.model.cond_stage_model, clip_skip))
 
-        return self._embeddings.get_or_make((text, emphasis, chunks.n_chunks), encode)
+        # the merged LoRA set changes the text encoder: a different set encodes again
+        key = (text, emphasis, chunks.n_chunks, clip_skip, self.extras.state)
+        return self._embeddings.get_or_make(key, encode)
 
-    def conditioning(self, prompt: str, negative_prompt: str = "", emphasis: bool = True):
+    def conditioning(self, prompt: str, negative_prompt: str = "", emphasis: bool = True, clip_skip: int = 1):
         """(cond, uncond), each (1, 77 * n_chunks, D): the two prompts encoded in the same number
-        of 75-token chunks (the shorter padded with empty chunks), each distinct text once.
-        For SDXL each is (context, pooled) (see ldm.conditioning)."""
+        of 75-token chunks (the shorter padded with empty chunks), each distinct text once. The
+        LoRA set merged now (`self.extras.activate`) applies. For SDXL each is (context, pooled)
+        (see ldm.conditioning)."""
         tokenizer = xl.tokenizer(self.model)
         c, u = pad_chunks(self._tokens(prompt, emphasis), self._tokens(negative_prompt, emphasis), tokenizer)
-        return self._encode(prompt, emphasis, c), self._encode(negative_prompt, emphasis, u)
+        return self._encode(prompt, emphasis, c, clip_skip), self._encode(negative_prompt, emphasis, u, clip_skip)
 
     def _n_chunks(self, item: WorkItem, emphasis: bool) -> int:
         return max(self._tokens(item.prompt, emphasis).n_chunks, self._tokens(item.negative_prompt, emphasis).n_chunks)
@@ -368,13 +380,14 @@ class Txt2Img:
         if opts.stochastic or not opts.batched:
             return [[i] for i in range(len(items))]
         groups = {}
-        for i, item in enumerate(items):
-            groups.setdefault(self._n_chunks(item, opts.emphasis), []).append(i)
+        for i, item in enumerate(items):  # one LoRA set a run
+            groups.setdefault((self._n_chunks(item, opts.emphasis), self.extras.uses(item)), []).append(i)
         return list(groups.values())
 
     def guided_denoiser(self, items: list[WorkItem], opts: Options):
         """The classifier-free guided noise prediction for these items, sampled together."""
-        conds, unconds = zip(*(self.conditioning(item.prompt, item.negative_prompt, opts.emphasis) for item in items))
+        conds, unconds = zip(*(self.conditioning(item.prompt, item.negative_prompt, opts.emphasis, opts.clip_skip)
+                               for item in items))
         if xl.is_sdxl(self.model):
             return self._guided_xl(items, conds, unconds, opts)
         return cfg_denoiser(self._eps_model, torch.cat(conds), torch.cat(unconds), opts.scale,
@@ -424,11 +437,13 @@ class Txt2Img:
         """Images for a batch of work items, in order. `callback(i, x_t, x0_pred)` is called once
         per step of each sampler run (see `sampler_runs`)."""
         opts.validate(self.model)
+        self.extras.check(items)
         keep = _intermediate_steps(opts.steps) if opts.intermediates else set()
         latents = [None] * len(items)
         kept = [[] for _ in items]  # per item: [(x_t, x0_pred)] at the kept steps, on the CPU
         with torch.no_grad(), self._autocast():
             for run in self.sampler_runs(items, opts):
+                self.extras.activate(items[run[0]])
                 z = self.sample([items[i] for i in run], opts, _step_hook(run, keep, kept, callback))
                 for j, pos in enumerate(run):
                     latents[pos] = z[j]
@@ -479,7 +494,7 @@ class Txt2Img:
 
     def settings(self, item: WorkItem, opts: Options) -> dict:
         """The web UI's settings line of one image, as an ordered dict."""
-        line = settings(item, opts, self.model_name, self.model_hash)
+        line = {**settings(item, opts, self.model_name, self.model_hash), **self.extras.settings(item, opts.clip_skip)}
         if self.refiner is not None:  # as the web UI writes an SDXL refiner
             line["Refiner"] = self.refiner[0].model_name
             line["Refiner switch at"] = f"{self.refiner[1]:g}"
@@ -489,7 +504,7 @@ class Txt2Img:
 
     def __call__(self, prompt=DEFAULT_PROMPT, negative_prompt="", *, sampler="ddim", steps=50, scale=7.5, eta=None,
                  H=None, W=None, C=4, f=8, seed=42, n_samples=3, n_iter=2, fixed_code=False, emphasis=True,
-                 intermediates=False, batched=False, callback=None, original_size=None, crop_coords=None,
+                 intermediates=False, batched=False, clip_skip=1, callback=None, original_size=None, crop_coords=None,
                  aesthetic_score=None, hr_scale=None, hr_steps=None, hr_strength=0.5,
                  hr_upscaler="latent") -> list[Result]:
         """Generate n_iter x n_samples images of `prompt` (a string), or, for a list of prompts, each
@@ -500,12 +515,15 @@ class Txt2Img:
         H, W = (self.default_size if side is None else side for side in (H, W))
         opts = Options(sampler, steps, scale, eta, H, W, C, f, emphasis, intermediates, batched,
                        original_size=original_size, crop_coords=crop_coords, aesthetic_score=aesthetic_score,
-                       hr_scale=hr_scale, hr_steps=hr_steps, hr_strength=hr_strength, hr_upscaler=hr_upscaler)
+                       hr_scale=hr_scale, hr_steps=hr_steps, hr_strength=hr_strength, hr_upscaler=hr_upscaler,
+                       clip_skip=clip_skip)
         opts.validate(self.model)
         check_counts(n_samples, n_iter)
         batches = prompt_batches(prompt, negative_prompt, n_samples, repeat=isinstance(prompt, str))
+        plan = plan_work(batches, n_iter, seed, fixed_code)
+        self.extras.check([item for items in plan for item in items])  # a bad LoRA fails before any image
         results = []
-        for items in plan_work(batches, n_iter, seed, fixed_code):
+        for items in plan:
             results += self.generate_batch(items, opts, callback)
         return results
 

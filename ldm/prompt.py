@@ -100,19 +100,23 @@ class PromptChunks:
         return self.ids.shape[0]
 
 
-def chunk_bounds(ids: list[int], comma_id: int) -> list[tuple[int, int]]:
+def chunk_bounds(ids: list[int], comma_id: int, spans=()) -> list[tuple[int, int]]:
     """(start, end) of each chunk of at most 75 tokens; an empty prompt is one empty chunk.
 
     Like the web UI, a chunk that does not reach the end of the prompt ends right after its
     last comma instead, when that comma is among its last 20 tokens, so that the phrase cut
-    in two moves whole to the next chunk.
+    in two moves whole to the next chunk; and a chunk that would cut one of `spans` ((a, b):
+    the vectors of a textual-inversion embedding) ends before it instead.
     """
     bounds = []
     start = 0
     while len(ids) - start > CHUNK_TOKENS:
         end = start + CHUNK_TOKENS
+        cut = [a for a, b in spans if start < a < end < b]
         commas = [i for i in range(end - COMMA_BACKTRACK, end) if ids[i] == comma_id]
-        if commas:
+        if cut:
+            end = cut[0]
+        elif commas:
             end = commas[-1] + 1
         bounds.append((start, end))
         start = end
@@ -140,7 +144,8 @@ def tokenize_weighted(text: str, tokenizer, emphasis: bool = True) -> PromptChun
         ids += piece_ids
         weights += [weight] * len(piece_ids)
     (comma_id,) = tokenizer.encode(",")
-    frames = [_frame(ids[a:b], weights[a:b], tokenizer) for a, b in chunk_bounds(ids, comma_id)]
+    spans = tokenizer.spans(ids) if hasattr(tokenizer, "spans") else ()  # embeddings (ldm.embeddings)
+    frames = [_frame(ids[a:b], weights[a:b], tokenizer) for a, b in chunk_bounds(ids, comma_id, spans)]
     return PromptChunks(
         ids=torch.tensor([f[0] for f in frames], dtype=torch.long),
         weights=torch.tensor([f[1] for f in frames], dtype=torch.float32),

@@ -16,6 +16,18 @@ from .tokenizer import load_tokenizer
 CLIP_VIT_L14 = "openai/clip-vit-large-patch14"
 
 
+def lookup(table: nn.Embedding, ids, vectors=None):
+    """table(ids), with row k of `vectors` for the ids table.num_embeddings + k (placeholders of
+    textual-inversion embeddings); the table itself is not changed."""
+    if vectors is None:
+        return table(ids)
+    vocab = table.num_embeddings
+    extra = ids >= vocab
+    x = table(ids.masked_fill(extra, 0))
+    rows = vectors.to(x.dtype)[(ids - vocab).clamp(0, len(vectors) - 1)]
+    return torch.where(extra[..., None], rows, x)
+
+
 def quick_gelu(x):
     return x * torch.sigmoid(1.702 * x)
 
@@ -70,8 +82,9 @@ class CLIPTextEmbeddings(nn.Module):
         # costs seconds of imports); the loader assigns the file's values anyway.
         self.register_buffer("position_ids", torch.arange(max_positions, device="cpu")[None], persistent=True)
 
-    def forward(self, ids):
-        return self.token_embedding(ids) + self.position_embedding(self.position_ids[:, : ids.shape[1]])
+    def forward(self, ids, vectors=None):
+        """`vectors` [n, width]: extra token vectors, taken for the ids vocab_size + k (textual inversion)."""
+        return lookup(self.token_embedding, ids, vectors) + self.position_embedding(self.position_ids[:, : ids.shape[1]])
 
 
 class CLIPTextTransformer(nn.Module):
@@ -82,9 +95,10 @@ class CLIPTextTransformer(nn.Module):
         self.encoder.layers = nn.ModuleList([CLIPEncoderLayer(width, heads, hidden, act) for _ in range(layers)])
         self.final_layer_norm = nn.LayerNorm(width)
 
-    def forward(self, ids):
-        x = self.embeddings(ids)
-        for layer in self.encoder.layers:
+    def forward(self, ids, vectors=None, n_layers=None):
+        """The final layer norm of the output of the first `n_layers` layers (default all)."""
+        x = self.embeddings(ids, vectors)
+        for layer in self.encoder.layers[:n_layers]:
             x = layer(x)
         return self.final_layer_norm(x)
 
@@ -96,8 +110,8 @@ class _TextModel(nn.Module):
         super().__init__()
         self.text_model = CLIPTextTransformer(**sizes)
 
-    def forward(self, ids):
-        return self.text_model(ids)
+    def forward(self, ids, vectors=None, n_layers=None):
+        return self.text_model(ids, vectors, n_layers)
 
 
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
@@ -127,9 +141,18 @@ class FrozenCLIPEmbedder(nn.Module):
     def tokenizer(self):
         return load_tokenizer(self.version)
 
-    def encode_ids(self, ids):
-        """Token ids [B, T<=max_length] -> hidden states [B, T, hidden_size]."""
-        return self.transformer(ids.to(self.transformer.text_model.embeddings.position_ids.device))
+    def encode_ids(self, ids, vectors=None, clip_skip=1):
+        """Token ids [B, T<=max_length] -> hidden states [B, T, hidden_size].
+
+        `vectors` [n, hidden_size] are taken for the ids vocab_size + k (textual-inversion embeddings);
+        `clip_skip` N stops N - 1 layers before the last (the web UIs' meaning; the final layer norm
+        still applies)."""
+        layers = len(self.transformer.text_model.encoder.layers)
+        if not 1 <= clip_skip <= layers:
+            raise ValueError(f"clip skip must be between 1 and {layers} (this text encoder's layers), got {clip_skip}")
+        device = self.transformer.text_model.embeddings.position_ids.device
+        vectors = None if vectors is None else vectors.to(device)
+        return self.transformer(ids.to(device), vectors, layers - clip_skip + 1)
 
     def forward(self, texts):
         if isinstance(texts, str):

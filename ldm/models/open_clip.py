@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .clip import lookup
 from .tokenizer import CLIPTokenizer
 
 # Text towers of the OpenCLIP architectures SD uses (open_clip's model_configs/<arch>.json, text_cfg).
@@ -115,9 +116,10 @@ class TextTower(nn.Module):
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
         self.logit_scale = nn.Parameter(torch.empty(()))
 
-    def hidden_states(self, ids, n_blocks):
-        """Token ids [B, T] -> ln_final of the output of the first n_blocks blocks, [B, T, width]."""
-        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
+    def hidden_states(self, ids, n_blocks, vectors=None):
+        """Token ids [B, T] -> ln_final of the output of the first n_blocks blocks, [B, T, width]
+        (`vectors`: textual-inversion vectors for the ids vocab_size + k, see clip.lookup)."""
+        x = lookup(self.token_embedding, ids, vectors) + self.positional_embedding[: ids.shape[1]]
         for block in self.transformer.resblocks[:n_blocks]:
             x = block(x)
         return self.ln_final(x)
@@ -165,9 +167,11 @@ class FrozenOpenCLIPEmbedder(nn.Module):
     def tokenizer(self):
         return open_clip_tokenizer()
 
-    def encode_ids(self, ids):
-        """Token ids [B, T<=max_length] -> hidden states [B, T, width]."""
-        return self.model.hidden_states(ids.to(self.model.positional_embedding.device), self.n_blocks)
+    def encode_ids(self, ids, vectors=None):
+        """Token ids [B, T<=max_length] -> hidden states [B, T, width] (`vectors`: see clip.lookup)."""
+        device = self.model.positional_embedding.device
+        vectors = None if vectors is None else vectors.to(device)
+        return self.model.hidden_states(ids.to(device), self.n_blocks, vectors)
 
     def forward(self, texts):
         if isinstance(texts, str):
