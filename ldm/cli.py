@@ -294,6 +294,12 @@ def png_settings(path, explicit: dict) -> tuple[dict, dict]:
                              f"found in none of {hashing.searched_places(DEFAULT_CKPT)}; pass --ckpt PATH")
         layer["ckpt"] = str(ckpt)
         layer["config"] = DEMO_CONFIG if is_demo_checkpoint(ckpt) else None  # None: detected from the checkpoint
+    if meta.get("vae_hash") and "vae" not in explicit:  # a VAE that replaced the checkpoint's, found by its hash
+        vae = hashing.find_checkpoint(meta["vae_hash"])
+        if vae is None:
+            raise ValueError(f"{path} was made with the VAE {meta.get('vae', '?')} (hash {meta['vae_hash']}), "
+                             f"found in none of {hashing.searched_places()}; pass --vae FILE")
+        layer["vae"] = str(vae)
     return layer, meta
 
 

@@ -145,4 +145,8 @@ def options_from_parameters(text: str) -> dict:
         out["model_hash"] = s["Model hash"]
     if "Model" in s:
         out["model"] = s["Model"]
+    if "VAE hash" in s:
+        out["vae_hash"] = s["VAE hash"]
+    if "VAE" in s:
+        out["vae"] = s["VAE"]
     return out

@@ -255,6 +255,7 @@ class Txt2Img:
         # (Txt2Img, switch): a second model denoising from the fraction `switch` of the schedule on
         # (SDXL's ensemble of experts), or None
         self.refiner = None
+        self.vae = None  # (file name, hash) of a VAE that replaced the checkpoint's (from_files' `vae`)
         # LoRA tags, embedding words, clip skip: `loras` [(file, multiplier)] apply to every image
         self.extras = PromptExtras(self.model, lora_dir, embeddings_dir, loras)
 
@@ -295,6 +296,8 @@ class Txt2Img:
         backend = backend or BackendOptions()
         backend = backend.replace(cuda_graphs=backend.cuda_graphs or cuda_graphs, compile=backend.compile or compile)
         pipe = cls(model, device, precision, model_name=ckpt.stem, model_hash=model_hash, backend=backend, **kwargs)
+        if vae is not None:  # named in the PNG as the web UIs do: "VAE hash: ..., VAE: file name"
+            pipe.vae = (repo_path(vae).name, checkpoint_hash(repo_path(vae)) if hash_model else None)
         with pipe._autocast():
             pipe.detection = detect.resolve_parameterization(pipe.model, detection, parameterization)
         if pipe.detection is not None:
@@ -495,6 +498,11 @@ class Txt2Img:
     def settings(self, item: WorkItem, opts: Options) -> dict:
         """The web UI's settings line of one image, as an ordered dict."""
         line = {**settings(item, opts, self.model_name, self.model_hash), **self.extras.settings(item, opts.clip_skip)}
+        if self.vae is not None:
+            name, vae_hash = self.vae
+            if vae_hash:
+                line["VAE hash"] = vae_hash
+            line["VAE"] = name
         if self.refiner is not None:  # as the web UI writes an SDXL refiner
             line["Refiner"] = self.refiner[0].model_name
             line["Refiner switch at"] = f"{self.refiner[1]:g}"

@@ -556,3 +556,31 @@ def test_cli_vae_flag(tiny_files, tmp_path, monkeypatch):
     code, _, err = run_cli(["--config", config, "--ckpt", ckpt, "--vae", bad, "--outdir", tmp_path / "bad",
                             "--no_safety_checker", "--n_samples", 1, "--n_iter", 1, "--H", 64, "--W", 64])
     assert code != 0 and "diffusers' layout" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_vae_in_the_png_and_restored_by_from_png(tiny_files, tmp_path, monkeypatch):
+    """An image made with --vae names it as the web UIs do (VAE hash, VAE); --from_png finds that VAE by
+    its hash and re-renders the same pixels; with the file gone, one line names the VAE it needs."""
+    from ldm.images import read_parameters
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    config, ckpt = tiny_files["base"]
+    other = randomize_(build_model(tiny_sdxl(), "cpu"), seed=13).first_stage_model.state_dict()
+    vae = tmp_path / "my-vae.safetensors"
+    save_file({k: v.contiguous() for k, v in other.items()}, str(vae))
+    common = ["--no_safety_checker", "--no_watermark", "--config", config, "--ckpt", ckpt]
+    code, _, err = run_cli([*common, "--vae", vae, "--ddim_steps", 1, "--n_samples", 1, "--n_iter", 1, "--H", 64,
+                            "--W", 64, "--outdir", tmp_path / "a"])
+    assert code == 0, err
+    png = tmp_path / "a" / "samples" / "00000.png"
+    text = read_parameters(png)
+    from ldm.hashing import checkpoint_hash
+
+    assert f"VAE hash: {checkpoint_hash(vae)}" in text and "VAE: my-vae.safetensors" in text
+    code, _, err = run_cli([*common, "--from_png", png, "--outdir", tmp_path / "b"])
+    assert code == 0, err
+    again = tmp_path / "b" / "samples" / "00000.png"
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(again)))
+    vae.rename(tmp_path / "elsewhere.bin")
+    code, _, err = run_cli([*common, "--from_png", png, "--outdir", tmp_path / "c"])
+    assert code == 1 and "my-vae.safetensors" in err and len(err.strip().splitlines()) == 1, err
