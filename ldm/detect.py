@@ -37,6 +37,7 @@ CONFIGS = {
     "sdxl": "configs/sdxl/sd_xl_base.yaml",
     "sdxl-refiner": "configs/sdxl/sd_xl_refiner.yaml",
     "v1-inpainting": "configs/stable-diffusion/v1-inpainting-inference.yaml",
+    "v2-inpainting": "configs/stable-diffusion/v2-inpainting-inference.yaml",
 }
 DESCRIPTIONS = {
     "v1": "Stable Diffusion v1 (CLIP ViT-L/14, eps-prediction, 512x512)",
@@ -45,6 +46,7 @@ DESCRIPTIONS = {
     "sdxl": "Stable Diffusion XL base (CLIP ViT-L/14 + OpenCLIP ViT-bigG/14, size conditioning, 1024x1024)",
     "sdxl-refiner": "Stable Diffusion XL refiner (OpenCLIP ViT-bigG/14, aesthetic-score conditioning, 1024x1024)",
     "v1-inpainting": "Stable Diffusion v1 inpainting (9-channel UNet: latent, mask, masked image; img2img --mask)",
+    "v2-inpainting": "Stable Diffusion 2.x inpainting (OpenCLIP ViT-H/14, 9-channel UNet, eps; img2img --mask)",
 }
 V2_KINDS = ("v2", "v2-v")  # the families whose parameterization one UNet evaluation decides
 SDXL_BIGG = "conditioner.embedders.1.model."  # the base's second text encoder
@@ -89,8 +91,10 @@ def family(shapes) -> str | None:
         raise CheckpointError("this checkpoint has sgm-style conditioner keys but neither SDXL base nor refiner "
                               "text encoders (conditioner.embedders.N.model.*): txt2img does not run it")
     first = shapes.get(UNET + "input_blocks.0.0.weight")
-    if first is not None and len(first) == 4 and first[1] == 9 and _context_dim(shapes) == 768:
-        return "v1-inpainting"
+    if first is not None and len(first) == 4 and first[1] == 9:
+        inpainting = {768: "v1-inpainting", 1024: "v2-inpainting"}.get(_context_dim(shapes))
+        if inpainting is not None:
+            return inpainting
     if first is not None and len(first) == 4 and first[1] != 4:
         kind = {9: "an inpainting", 8: "an InstructPix2Pix", 5: "a depth-conditioned"}.get(first[1], "a non-txt2img")
         raise CheckpointError(f"this looks like {kind} checkpoint ({first[1]} UNet input channels), "

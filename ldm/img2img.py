@@ -221,9 +221,9 @@ class Img2Img(Txt2Img):
         latent = self.model.scale_factor * posterior.mean.float()
         return torch.cat([F.interpolate(m, size=latent_size).to(self.device), latent], dim=1)
 
-    def _eps_model(self, x, t, context):
+    def _eps_model(self, x, t, context, y=None):
         if self._concat is None:
-            return super()._eps_model(x, t, context)
+            return super()._eps_model(x, t, context, y)  # y: SDXL's vector conditioning
         cc = self._concat.expand(x.shape[0], -1, -1, -1).to(self.dtype)
         return self.model.apply_model(x.to(self.dtype), t, context.to(self.dtype), c_concat=cc).float()
 

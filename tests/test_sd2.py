@@ -398,8 +398,10 @@ def test_family_of_full_size_layouts_and_refusals(tmp_path):
     with pytest.raises(CheckpointError, match="neither SDXL base nor refiner"):
         detect.family({"conditioner.embedders.2.model.ln_final.weight": (1280,)})
     inpaint = dict(v2, **{"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)})
-    with pytest.raises(CheckpointError, match="inpainting checkpoint"):
-        detect.family(inpaint)
+    assert detect.family(inpaint) == "v2-inpainting"  # img2img --mask runs it (tests/test_inpaint_v2.py)
+    depth = dict(v2, **{"model.diffusion_model.input_blocks.0.0.weight": (320, 5, 3, 3)})
+    with pytest.raises(CheckpointError, match="depth-conditioned checkpoint"):
+        detect.family(depth)
     path = _write_shapes(tmp_path / "header.safetensors", {"model.diffusion_model.x.attn2.to_k.weight": (8, 1024)})
     assert detect.checkpoint_shapes(path) == {"model.diffusion_model.x.attn2.to_k.weight": (8, 1024)}
 
