@@ -1,0 +1,113 @@
+"""SDXL textual inversion (`clip_l` / `clip_g` files) and --clip_skip on the tiny SDXL models of test_sdxl.
+
+The reference for an embedding word: the same prompt with ordinary words in its place, on a copy of the
+model whose two token tables hold the file's vectors at those words' rows (CLIP-L the clip_l vectors, bigG
+the clip_g ones). Context and pooled output must then agree exactly as far as float rounding goes.
+"""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_sdxl import BIGG_W, CLIP_W, tiny_base, tiny_files, tiny_refiner  # noqa: F401 (fixtures)
+
+
+def _pipe(model, embeddings_dir):
+    from ldm.pipeline import Txt2Img
+
+    return Txt2Img(model, "cpu", "full", embeddings_dir=embeddings_dir)
+
+
+def _write(folder, name, n, widths=(("clip_l", CLIP_W), ("clip_g", BIGG_W)), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tensors = {k: torch.randn(n, w, generator=g) for k, w in widths}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / f"{name}.safetensors"))
+    return tensors
+
+
+def _with_rows(model, words, tensors):
+    """A copy of the model whose token tables hold the vectors at the rows of `words`."""
+    ids = [i for w in words for i in model.conditioner.tokenizer.encode(w)]
+    assert len(ids) == len(words)  # each a single token
+    ref = copy.deepcopy(model)
+    for encoder in ref.conditioner.text_encoders:
+        if hasattr(encoder, "transformer"):  # CLIP-L
+            table, vectors = encoder.transformer.text_model.embeddings.token_embedding, tensors["clip_l"]
+        else:  # bigG
+            table, vectors = encoder.model.token_embedding, tensors["clip_g"]
+        with torch.no_grad():
+            table.weight[ids] = vectors.to(table.weight.dtype)
+    return ref
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("which", ["base", "refiner"])
+def test_embedding_word_equals_its_vectors_in_each_encoder(which, tiny_base, tiny_refiner, tmp_path):  # noqa: F811
+    _, model = tiny_base if which == "base" else tiny_refiner
+    tensors = _write(tmp_path / "emb", "mychar", 2)
+    _write(tmp_path / "emb", "other", 1, seed=1)
+    pipe = _pipe(model, tmp_path / "emb")
+    # 'other' loads first: mychar's placeholder ids are not the first ones
+    pipe.conditioning("other", "")
+    (c, pooled), _ = pipe.conditioning("a (photo:1.2) of mychar at dusk", "blurry")
+    ids = pipe._tokens("a (photo:1.2) of mychar at dusk", True).ids
+    assert int(ids.max()) > 49407  # placeholders are in the ids, beyond the end-of-text token
+
+    ref = _pipe(_with_rows(model, ["cat", "dog"], tensors), tmp_path / "none")
+    (c_ref, pooled_ref), _ = ref.conditioning("a (photo:1.2) of cat dog at dusk", "blurry")
+    assert c.shape == c_ref.shape and pooled.shape == pooled_ref.shape
+    assert torch.allclose(c, c_ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(pooled, pooled_ref, atol=1e-5, rtol=1e-5)
+
+    # without the file the word is plain text: a different context and pooled output
+    (c_plain, pooled_plain), _ = _pipe(model, tmp_path / "none").conditioning("a (photo:1.2) of mychar at dusk", "blurry")
+    assert not torch.allclose(c, c_plain, atol=1e-3) and not torch.allclose(pooled, pooled_plain, atol=1e-3)
+
+
+@torch.no_grad()
+def test_embedding_missing_a_tower_is_left_as_text(tiny_base, tmp_path):  # noqa: F811
+    _, model = tiny_base
+    _write(tmp_path / "emb", "half", 1, widths=(("clip_l", CLIP_W),))
+    pipe = _pipe(model, tmp_path / "emb")
+    plain = _pipe(model, tmp_path / "none")
+    (c, pooled), _ = pipe.conditioning("a photo of half", "")
+    (c_plain, pooled_plain), _ = plain.conditioning("a photo of half", "")
+    assert torch.equal(c, c_plain) and torch.equal(pooled, pooled_plain)
+
+
+@torch.no_grad()
+def test_pooled_at_the_first_end_of_text_token(tiny_base):  # noqa: F811
+    """An id above end-of-text (a placeholder) does not move the pooling position."""
+    from ldm.models.sdxl import EOS
+
+    _, model = tiny_base
+    bigg = model.conditioner.pooled_encoder
+    vocab = bigg.model.token_embedding.num_embeddings
+    ids = torch.tensor([[49406, 320, vocab, 1929, EOS] + [0] * 72])
+    vectors = torch.randn(1, BIGG_W)
+    _, pooled = bigg.encode_with_pooled(ids, vectors)
+    # by hand: ln_final of the last block's output at position 4, through the projection
+    tower = bigg.model
+    x = torch.cat([tower.token_embedding(ids[:, :2]), vectors[None], tower.token_embedding(ids[:, 3:])], 1)
+    x = x + tower.positional_embedding[:77]
+    for block in tower.transformer.resblocks:
+        x = block(x)
+    expected = tower.ln_final(x)[:, 4] @ tower.text_projection
+    assert torch.allclose(pooled, expected, atol=1e-5)
+
+
+def test_clip_skip_on_sdxl(tiny_base):  # noqa: F811
+    from ldm.networks import clip_skip_error
+
+    _, model = tiny_base
+    assert clip_skip_error(model, 1) is None and clip_skip_error(model, 2) is None
+    err = clip_skip_error(model, 3)
+    assert "SDXL fixes its text layers" in err and "\n" not in err
+    # 1 and 2 give the same conditioning (the fixed layers)
+    pipe = _pipe(model, None)
+    with torch.no_grad():
+        (c1, p1), _ = pipe.conditioning("a red fox", "", clip_skip=1)
+        (c2, p2), _ = pipe.conditioning("a red fox", "", clip_skip=2)
+    assert torch.equal(c1, c2) and torch.equal(p1, p2)
