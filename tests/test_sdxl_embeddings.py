@@ -111,3 +111,14 @@ def test_clip_skip_on_sdxl(tiny_base):  # noqa: F811
         (c1, p1), _ = pipe.conditioning("a red fox", "", clip_skip=1)
         (c2, p2), _ = pipe.conditioning("a red fox", "", clip_skip=2)
     assert torch.equal(c1, c2) and torch.equal(p1, p2)
+
+
+def test_cli_refuses_clip_skip_3_on_sdxl_in_one_line(tiny_files, tmp_path):  # noqa: F811
+    from test_sdxl import run_cli
+
+    config, ckpt = tiny_files["base"]
+    code, out, err = run_cli(["--config", config, "--ckpt", ckpt, "--ddim_steps", 1, "--outdir", tmp_path,
+                              "--no_safety_checker", "--no_watermark", "--n_samples", 1, "--n_iter", 1,
+                              "--H", 64, "--W", 64, "--prompt", "a fox", "--clip_skip", 3])
+    assert code != 0 and "SDXL fixes its text layers" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "samples").exists() or not list((tmp_path / "samples").iterdir())
