@@ -6,6 +6,7 @@ the clip_g ones). Context and pooled output must then agree exactly as far as fl
 """
 
 import copy
+import hashlib
 
 import pytest
 import torch
@@ -122,3 +123,55 @@ def test_cli_refuses_clip_skip_3_on_sdxl_in_one_line(tiny_files, tmp_path):  # n
                               "--H", 64, "--W", 64, "--prompt", "a fox", "--clip_skip", 3])
     assert code != 0 and "SDXL fixes its text layers" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "samples").exists() or not list((tmp_path / "samples").iterdir())
+
+
+def test_cli_lora_tag_and_embedding_on_sdxl(tiny_files, tmp_path, monkeypatch):  # noqa: F811
+    """A kohya file with lora_unet_ / lora_te1_ / lora_te2_ keys changes the image and is named in the PNG,
+    with the SDXL embedding's TI hash."""
+    import numpy as np
+    from PIL import Image
+    from test_lora import _random_lora
+    from test_sdxl import run_cli
+
+    from ldm.checkpoint import build_model
+    from ldm.config import load_config
+    from ldm.images import parse_parameters, read_parameters
+    from ldm.lora import lora_targets
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    config, ckpt = tiny_files["base"]
+    model = build_model(load_config(config), "meta")
+    table, _ = lora_targets(model)
+    params = dict(model.named_parameters())
+    shapes = {}
+    for prefix in ("lora_unet_", "lora_te1_", "lora_te2_"):
+        names = sorted(n for n in table if n.startswith(prefix) and params[table[n].key].dim() == 2)[:3]
+        assert len(names) == 3, prefix
+        for n in names:
+            t = table[n]
+            rows = params[t.key].shape[0] if t.rows is None else t.rows[1] - t.rows[0]
+            shapes[n] = (rows, params[t.key].shape[1])
+    del model
+    (tmp_path / "Lora").mkdir()
+    save_file(_random_lora(shapes, seed=8, alpha=4.0), str(tmp_path / "Lora" / "detail.safetensors"))
+    _write(tmp_path / "emb", "mychar", 2)
+    common = ["--config", config, "--ckpt", ckpt, "--H", 64, "--W", 64, "--ddim_steps", 2, "--no_safety_checker",
+              "--no_watermark", "--lora_dir", tmp_path / "Lora", "--embeddings_dir", tmp_path / "emb", "--n_iter", 1,
+              "--n_samples", 1, "--seed", 7]
+    code, _, err = run_cli(common + ["--outdir", tmp_path / "lora", "--prompt", "a fox <lora:detail:1.5>, mychar"])
+    assert code == 0, err
+    code, _, err = run_cli(common + ["--outdir", tmp_path / "plain", "--prompt", "a fox, mychar"])
+    assert code == 0, err
+    with_lora, plain = tmp_path / "lora/samples/00000.png", tmp_path / "plain/samples/00000.png"
+    assert not np.array_equal(np.asarray(Image.open(with_lora)), np.asarray(Image.open(plain)))
+    s = parse_parameters(read_parameters(with_lora))["settings"]
+    data = (tmp_path / "Lora" / "detail.safetensors").read_bytes()
+    header = int.from_bytes(data[:8], "little")  # the "addnet" hash: the tensors after the header
+    assert s["Lora hashes"] == f"detail: {hashlib.sha256(data[8 + header:]).hexdigest()[:12]}"
+    emb_hash = hashlib.sha256((tmp_path / "emb" / "mychar.safetensors").read_bytes()).hexdigest()[:12]
+    assert s["TI hashes"] == f"mychar: {emb_hash}"
+    assert "Lora hashes" not in parse_parameters(read_parameters(plain))["settings"]
+    # the text encoders' part alone (UNet multiplier 0) changes the image too
+    code, _, err = run_cli(common + ["--outdir", tmp_path / "te", "--prompt", "a fox <lora:detail:1.5:0>, mychar"])
+    assert code == 0, err
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "te/samples/00000.png")), np.asarray(Image.open(plain)))
