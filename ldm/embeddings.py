@@ -6,7 +6,8 @@
 
 Files: the web UI's `.pt` (`{"string_to_param": {"*": tensor [n, dim]}, ...}`, read with the checkpoint
 module's weights-only reader: pickled code never runs), `.safetensors` with `emb_params` [n, dim], SDXL's
-`clip_l` / `clip_g` pair (the tower of the matching width is taken), and diffusers' `{token: tensor}`.
+`clip_l` / `clip_g` pair (the tower of the matching width is taken; on SDXL each text encoder its own,
+sharing the placeholder ids: `others`), and diffusers' `{token: tensor}`.
 
 Each vector of an embedding becomes one token: the tokenizer wrapper puts placeholder ids
 (vocab_size + k) where the word was, so the 75-token chunks count an n-vector embedding as n tokens,
