@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {d['embeddings_dir']})")
     g.add_argument("--clip_skip", type=int, metavar="N",
                    help="stop the text encoder N-1 layers before its last, as the web UIs (default 1; v1 models; "
-                        "SD 2.x fixes its layer)")
+                        "SD 2.x and SDXL fix their layers: 1 and 2 only)")
 
     g = p.add_argument_group("sampling")
     g.add_argument("--sampler", type=str, metavar="NAME", help="sampler (default ddim); see --list_samplers")

@@ -35,9 +35,10 @@ def tokenizer(model):
     return model.conditioner.tokenizer if is_sdxl(model) else model.cond_stage_model.tokenizer
 
 
-def encode_prompt(conditioner, chunks: PromptChunks):
-    """(context [1, 77 n, sum of widths], pooled [1, P] or None) of a weighted, chunked prompt."""
-    hidden, pooled = conditioner.encode_ids(chunks.ids)
+def encode_prompt(conditioner, chunks: PromptChunks, vectors=None):
+    """(context [1, 77 n, sum of widths], pooled [1, P] or None) of a weighted, chunked prompt
+    (`vectors`: each text encoder's textual-inversion vectors, see GeneralConditioner.encode_ids)."""
+    hidden, pooled = conditioner.encode_ids(chunks.ids, vectors)
     context = torch.cat([encode_weighted(chunks, lambda ids, h=h: h) for h in hidden], dim=-1)
     return context, None if pooled is None else pooled[:1]
 

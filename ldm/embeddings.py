@@ -6,7 +6,8 @@
 
 Files: the web UI's `.pt` (`{"string_to_param": {"*": tensor [n, dim]}, ...}`, read with the checkpoint
 module's weights-only reader: pickled code never runs), `.safetensors` with `emb_params` [n, dim], SDXL's
-`clip_l` / `clip_g` pair (the tower of the matching width is taken), and diffusers' `{token: tensor}`.
+`clip_l` / `clip_g` pair (the tower of the matching width is taken; on SDXL each text encoder its own,
+sharing the placeholder ids: `others`), and diffusers' `{token: tensor}`.
 
 Each vector of an embedding becomes one token: the tokenizer wrapper puts placeholder ids
 (vocab_size + k) where the word was, so the 75-token chunks count an n-vector embedding as n tokens,
@@ -72,12 +73,16 @@ def read_embedding(path) -> dict[str, torch.Tensor]:
 class EmbeddingLibrary:
     """The embeddings under a folder, by file stem, loaded when first written in a prompt.
 
-    `tower` picks the vectors of SDXL-style files ("clip_l" for a 768-wide encoder, "clip_g" for 1280)."""
+    `tower` picks the vectors of SDXL-style files ("clip_l" for a 768-wide encoder, "clip_g" for 1280).
+    `others` {tower: width}: further text encoders sharing the placeholder ids (SDXL's bigG beside
+    CLIP-L); an embedding is used only when it has vectors for each, as many as for `tower`."""
 
-    def __init__(self, directory, width: int, vocab_size: int, tower: str | None = None):
+    def __init__(self, directory, width: int, vocab_size: int, tower: str | None = None, others=None):
         self.directory = Path(directory)
         self.width, self.vocab_size = width, vocab_size
         self.tower = tower or {768: "clip_l", 1280: "clip_g"}.get(width, "")
+        self.others = dict(others or {})
+        self._other_vectors: dict[str, list[torch.Tensor]] = {t: [] for t in self.others}
         self.paths: dict[str, Path] = {}  # name -> file beyond the folder's stems (--from_png by hash)
         self._files = None
         self._pattern = None
@@ -127,7 +132,14 @@ class EmbeddingLibrary:
             path = self.files()[name]
             towers = read_embedding(path)
             vectors = towers.get("") if "" in towers else towers.get(self.tower)
-            if vectors is None or vectors.shape[1] != self.width:
+            others = {t: towers.get(t) for t in self.others}
+            if any(v is None or vectors is None or v.shape != (len(vectors), self.others[t])
+                   for t, v in others.items()):
+                log.warning("embedding %s lacks vectors for each text encoder (%s of widths %s): left as text",
+                            path, "/".join((self.tower, *self.others)),
+                            "/".join(map(str, (self.width, *self.others.values()))))
+                self._loaded[name] = None
+            elif vectors is None or vectors.shape[1] != self.width:
                 widths = sorted({v.shape[1] for v in towers.values()})
                 log.warning("embedding %s has vectors of width %s; this text encoder's is %d: left as text",
                             path, "/".join(map(str, widths)), self.width)
@@ -135,6 +147,8 @@ class EmbeddingLibrary:
             else:
                 first = self.vocab_size + sum(len(v) for v in self._vectors)
                 self._vectors.append(vectors)
+                for t, v in others.items():
+                    self._other_vectors[t].append(v)
                 self._loaded[name] = (first, len(vectors))
                 log.info("embedding %s: %d vector(s)", path, len(vectors))
         return self._loaded[name]
@@ -143,6 +157,11 @@ class EmbeddingLibrary:
     def vectors(self) -> torch.Tensor | None:
         """Every loaded embedding's vectors, [n, width]: row k is placeholder id vocab_size + k."""
         return torch.cat(self._vectors) if self._vectors else None
+
+    def vectors_of(self, tower: str) -> torch.Tensor | None:
+        """The vectors of one of the `others` towers, rows in the same order as `vectors`."""
+        rows = self._other_vectors[tower]
+        return torch.cat(rows) if rows else None
 
     def short_hash(self, name: str) -> str:
         if name not in self._hashes:

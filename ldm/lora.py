@@ -21,7 +21,7 @@ Linear / Conv2d weight, its kohya name under the diffusers naming of the UNet (d
 structure, the rule diffusers' `convert_ldm_unet_checkpoint` follows), its kohya name under the original
 naming, and for the text encoders the Hugging Face `transformers` names (for SD 2.x's OpenCLIP tower the
 q/k/v projections are row slices of `in_proj_weight`). SDXL's `lora_te1_` / `lora_te2_` are the "xl" row
-of `TEXT_ENCODERS` (sgm's `conditioner.embedders.0/1`; not yet tested against an SDXL model).
+of `TEXT_ENCODERS` (sgm's `conditioner.embedders.0/1`; tests/test_sdxl_embeddings.py runs one end to end).
 
 Merging: W = W0 + sum(mult * scale * up @ down) in float32, cast once to the weight's dtype; the parameter
 gets a new tensor and W0 is kept untouched (not subtracted back), so removing every LoRA restores the exact

@@ -40,6 +40,11 @@ def clip_skip_error(model, n) -> str | None:
         return f"--clip_skip must be a positive integer, got {n}"
     if model is None:
         return None
+    if hasattr(model, "conditioner"):  # SDXL
+        if n > 2:
+            return (f"--clip_skip {n}: SDXL fixes its text layers (CLIP-L hidden layer, bigG penultimate); "
+                    "only 1 and 2 (both those layers) are accepted")
+        return None
     cond = getattr(model, "cond_stage_model", None)
     if isinstance(cond, FrozenCLIPEmbedder):
         layers = len(cond.transformer.text_model.encoder.layers)
@@ -64,9 +69,35 @@ class PromptExtras:
         cond = getattr(model, "cond_stage_model", None)
         table = _token_embedding(cond) if cond is not None else None
         self.embeddings = None
-        if table is not None and hasattr(cond, "encode_ids"):
+        self.xl_towers = None
+        if hasattr(model, "conditioner"):
+            self._sdxl_embeddings(model.conditioner, embeddings_dir)
+        elif table is not None and hasattr(cond, "encode_ids"):
             self.embeddings = EmbeddingLibrary(embeddings_dir or DEFAULT_EMBEDDINGS_DIR, table.embedding_dim,
                                                table.num_embeddings)
+
+    def _sdxl_embeddings(self, conditioner, embeddings_dir):
+        """SDXL's `clip_l` / `clip_g` files: one set of placeholder ids, each text encoder its own vectors
+        (CLIP-L 768 wide takes clip_l, bigG 1280 clip_g; the refiner's bigG alone takes clip_g)."""
+        encoders = conditioner.text_encoders
+        tables = [_token_embedding(e) for e in encoders]
+        if any(t is None for t in tables) or len({t.num_embeddings for t in tables}) != 1:
+            return
+        from .models.open_clip import FrozenOpenCLIPEmbedder
+
+        self.xl_towers = ["clip_g" if isinstance(e, FrozenOpenCLIPEmbedder) else "clip_l" for e in encoders]
+        widths = {tower: t.embedding_dim for tower, t in zip(self.xl_towers, tables)}
+        first, *others = self.xl_towers
+        self.embeddings = EmbeddingLibrary(embeddings_dir or DEFAULT_EMBEDDINGS_DIR, widths[first],
+                                           tables[0].num_embeddings, tower=first,
+                                           others={t: widths[t] for t in others})
+
+    def xl_vectors(self):
+        """SDXL: each text encoder's textual-inversion vectors (None where no embedding is loaded)."""
+        if self.embeddings is None or self.embeddings.vectors is None:
+            return None
+        first, *others = self.xl_towers
+        return [self.embeddings.vectors] + [self.embeddings.vectors_of(t) for t in others]
 
     # --- LoRA sets
 

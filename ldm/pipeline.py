@@ -336,8 +336,7 @@ class Txt2Img:
 
     def _tokens(self, text: str, emphasis: bool):
         def tokenize():
-            tokenizer = xl.tokenizer(self.model) if xl.is_sdxl(self.model) else \
-                self.extras.tokenizer(self.model.cond_stage_model.tokenizer)  # embedding words as placeholder ids
+            tokenizer = self.extras.tokenizer(xl.tokenizer(self.model))  # embedding words as placeholder ids
             chunks = tokenize_weighted(self.extras.clean(text), tokenizer, emphasis=emphasis)
             if chunks.n_chunks > 1:
                 log.warning("prompt of %d tokens is longer than 75: encoded in %d chunks of 75 tokens (%s)",
@@ -350,7 +349,7 @@ class Txt2Img:
         def encode():
             with torch.no_grad(), self._autocast():
                 if xl.is_sdxl(self.model):  # (context, pooled)
-                    return xl.encode_prompt(self.model.conditioner, chunks)
+                    return xl.encode_prompt(self.model.conditioner, chunks, self.extras.xl_vectors())
                 return encode_weighted(chunks, self.extras.encoder(self.model.cond_stage_model, clip_skip))
 
         # the merged LoRA set changes the text encoder: a different set encodes again

@@ -31,11 +31,12 @@ from torch import nn
 from ..config import instantiate
 from ..samplers.schedule import schedule_buffers
 from .clip import FrozenCLIPEmbedder as _CLIPEmbedder
+from .clip import lookup
 from .diffusion import DiffusionWrapper
 from .open_clip import FrozenOpenCLIPEmbedder as _OpenCLIPEmbedder
 from .unet import timestep_embedding
 
-EOS = 49407  # CLIP's end-of-text token, the largest id: where OpenCLIP pools
+EOS = 49407  # CLIP's end-of-text token: OpenCLIP pools at its first occurrence (embedding placeholders are larger)
 
 # ----------------------------------------------------------------------------- the denoiser (no weights)
 
@@ -100,10 +101,13 @@ class FrozenCLIPEmbedder(_CLIPEmbedder):
         self.layer = layer
         self.n_layers = (layer_idx % (n + 1)) if layer == "hidden" else n
 
-    def encode_ids(self, ids):
-        """Token ids [B, T] -> hidden states [B, T, 768]: layer `layer_idx` (hidden) or after the final norm (last)."""
+    def encode_ids(self, ids, vectors=None):
+        """Token ids [B, T] -> hidden states [B, T, 768]: layer `layer_idx` (hidden) or after the final norm (last).
+
+        `vectors` [n, 768]: textual-inversion vectors for the ids vocab_size + k (see clip.lookup)."""
         text = self.transformer.text_model
-        x = text.embeddings(ids.to(text.embeddings.position_ids.device))
+        device = text.embeddings.position_ids.device
+        x = text.embeddings(ids.to(device), None if vectors is None else vectors.to(device))
         for layer in text.encoder.layers[: self.n_layers]:
             x = layer(x)
         return text.final_layer_norm(x) if self.layer == "last" else x
@@ -126,11 +130,16 @@ class FrozenOpenCLIPEmbedder2(_OpenCLIPEmbedder):
     def unused_keys(self):
         return ["model.logit_scale"]  # the pooled output reads every block and the projection
 
-    def encode_with_pooled(self, ids):
-        """Token ids [B, T] -> (hidden states [B, T, width] of the chosen layer, pooled [B, embed_dim])."""
+    def encode_with_pooled(self, ids, vectors=None):
+        """Token ids [B, T] -> (hidden states [B, T, width] of the chosen layer, pooled [B, embed_dim]).
+
+        `vectors` [n, width]: textual-inversion vectors for the ids vocab_size + k (see clip.lookup). The
+        pooled embedding is taken at the first end-of-text token (not the largest id: placeholders are larger)."""
         tower = self.model
-        ids = ids.to(tower.positional_embedding.device)
-        x = tower.token_embedding(ids) + tower.positional_embedding[: ids.shape[1]]
+        device = tower.positional_embedding.device
+        ids = ids.to(device)
+        vectors = None if vectors is None else vectors.to(device)
+        x = lookup(tower.token_embedding, ids, vectors) + tower.positional_embedding[: ids.shape[1]]
         hidden = None
         for i, block in enumerate(tower.transformer.resblocks):
             if i == self.n_blocks:
@@ -138,11 +147,11 @@ class FrozenOpenCLIPEmbedder2(_OpenCLIPEmbedder):
             x = block(x)
         hidden = x if hidden is None else hidden
         last = tower.ln_final(x)
-        pooled = last[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)] @ tower.text_projection
+        pooled = last[torch.arange(ids.shape[0], device=ids.device), (ids == EOS).int().argmax(dim=-1)] @ tower.text_projection
         return hidden, pooled
 
-    def encode_ids(self, ids):
-        return self.encode_with_pooled(ids)[0]
+    def encode_ids(self, ids, vectors=None):
+        return self.encode_with_pooled(ids, vectors)[0]
 
 
 class ConcatTimestepEmbedderND(nn.Module):
@@ -208,18 +217,21 @@ class GeneralConditioner(nn.Module):
     def tokenizer(self):
         return self.text_encoders[0].tokenizer
 
-    def encode_ids(self, ids):
+    def encode_ids(self, ids, vectors=None):
         """Framed token ids [n, 77] -> ([hidden states of each text encoder], pooled [n, P] or None).
 
-        Each encoder gets its own padding after the end-of-text token (CLIP-L: eos; OpenCLIP: 0)."""
+        Each encoder gets its own padding after the end-of-text token (CLIP-L: eos; OpenCLIP: 0).
+        `vectors`: per text encoder, its textual-inversion vectors [k, width] (or None) for the
+        placeholder ids vocab_size + k."""
+        vectors = list(vectors) if vectors is not None else [None] * len(self.text_encoders)
         after_eos = (ids == EOS).int().cumsum(-1) - (ids == EOS).int() > 0
         hidden, pooled = [], None
-        for encoder in self.text_encoders:
+        for encoder, extra in zip(self.text_encoders, vectors):
             own = ids.masked_fill(after_eos, encoder.tokenizer.pad_token_id)
             if encoder is self.pooled_encoder:
-                h, pooled = encoder.encode_with_pooled(own)
+                h, pooled = encoder.encode_with_pooled(own, extra)
             else:
-                h = encoder.encode_ids(own)
+                h = encoder.encode_ids(own, extra)
             hidden.append(h)
         return hidden, pooled
 
