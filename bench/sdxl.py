@@ -25,21 +25,10 @@ from ldm.backends import BackendOptions, optimize  # noqa: E402
 from ldm.checkpoint import load_model  # noqa: E402
 from ldm.config import load_config  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from run import diffusers_sharing  # noqa: E402  (diffusers' UNet and VAE over our weight tensors)
+
 CONFIG = ROOT / "configs/sdxl/sd_xl_base.yaml"
-
-
-def diffusers_parts(model, config):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders import single_file_utils as sfu
-
-    sd = model.state_dict()
-    ucfg = sfu.create_unet_diffusers_config_from_ldm(config, sd)
-    vcfg = sfu.create_vae_diffusers_config_from_ldm(config, sd, scaling_factor=model.scale_factor)
-    with torch.device("meta"):
-        unet, vae = UNet2DConditionModel(**ucfg), AutoencoderKL(**vcfg)
-    unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(sd, ucfg), strict=True, assign=True)
-    vae.load_state_dict(sfu.convert_ldm_vae_checkpoint(sd, vcfg), strict=True, assign=True)
-    return unet.eval().requires_grad_(False), vae.eval().requires_grad_(False)
 
 
 def best(fn, repeats):
@@ -60,7 +49,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     config = load_config(CONFIG)
     model = load_model(config, args.ckpt, "cpu", torch.float32)
-    unet_d, vae_d = diffusers_parts(model, config)
+    unet_d, vae_d = diffusers_sharing(model, config)
     optimize(model, BackendOptions(prepack_latent_size=None))
     unet = model.model.diffusion_model
     g = torch.Generator().manual_seed(0)

@@ -46,7 +46,25 @@ class DiffusionWrapper(nn.Module):
         return self.diffusion_model(x, t, context, y)
 
 
-class LatentDiffusion(nn.Module):
+class ScheduledModel(nn.Module):
+    """What every latent diffusion model here shares: the training schedule's buffers (from
+    `linear_start`, `linear_end`, `num_timesteps`, set by the subclass), its device and its dtype."""
+
+    def reset_schedule(self, device=None):
+        """(Re)compute the schedule buffers from the config, in float32 like the original."""
+        for name, value in schedule_buffers(self.linear_start, self.linear_end, self.num_timesteps).items():
+            self.register_buffer(name, value.to(device=device, dtype=torch.float32))
+
+    @property
+    def device(self):
+        return self.betas.device
+
+    @property
+    def dtype(self):
+        return next(self.model.parameters()).dtype
+
+
+class LatentDiffusion(ScheduledModel):
     """Latent diffusion with cross-attention text conditioning (SD v1 and 2.x), eps- or v-prediction."""
 
     def __init__(self, unet_config, first_stage_config, cond_stage_config, linear_start=0.00085, linear_end=0.012,
@@ -64,19 +82,6 @@ class LatentDiffusion(nn.Module):
         self.scale_factor = float(scale_factor)
         self.linear_start, self.linear_end, self.num_timesteps = linear_start, linear_end, int(timesteps)
         self.reset_schedule()
-
-    def reset_schedule(self, device=None):
-        """(Re)compute the schedule buffers from the config, in float32 like the original."""
-        for name, value in schedule_buffers(self.linear_start, self.linear_end, self.num_timesteps).items():
-            self.register_buffer(name, value.to(device=device, dtype=torch.float32))
-
-    @property
-    def device(self):
-        return self.betas.device
-
-    @property
-    def dtype(self):
-        return next(self.model.parameters()).dtype
 
     def apply_model(self, x_noisy, t, cond):
         """The UNet's prediction (eps, or v for a v-prediction model) at x_t, t under the text context."""

@@ -29,10 +29,9 @@ import torch
 from torch import nn
 
 from ..config import instantiate
-from ..samplers.schedule import schedule_buffers
 from .clip import FrozenCLIPEmbedder as _CLIPEmbedder
 from .clip import lookup
-from .diffusion import DiffusionWrapper
+from .diffusion import DiffusionWrapper, ScheduledModel
 from .open_clip import FrozenOpenCLIPEmbedder as _OpenCLIPEmbedder
 from .unet import timestep_embedding
 
@@ -248,7 +247,7 @@ class GeneralConditioner(nn.Module):
 # ----------------------------------------------------------------------------- the engine
 
 
-class DiffusionEngine(nn.Module):
+class DiffusionEngine(ScheduledModel):
     """SDXL: UNet (`model.diffusion_model`), conditioner, autoencoder (`first_stage_model`) and the schedule.
 
     Offers what the pipeline and the samplers use of `LatentDiffusion` (`apply_model`, the schedule
@@ -275,18 +274,6 @@ class DiffusionEngine(nn.Module):
         # force_zeros_for_empty_prompt, sgm's force_uc_zero_embeddings=["txt"]).
         self.force_zeros_for_empty_prompt = "aesthetic_score" not in self.conditioner.size_keys
         self.reset_schedule()
-
-    def reset_schedule(self, device=None):
-        for name, value in schedule_buffers(self.linear_start, self.linear_end, self.num_timesteps).items():
-            self.register_buffer(name, value.to(device=device, dtype=torch.float32))
-
-    @property
-    def device(self):
-        return self.betas.device
-
-    @property
-    def dtype(self):
-        return next(self.model.parameters()).dtype
 
     def apply_model(self, x_noisy, t, cond, y=None):
         return self.model(x_noisy, t, cond, y)
