@@ -92,3 +92,31 @@ def write_tiny_model(folder, seed=1):
     OmegaConf.save(OmegaConf.create(cfg), config)
     ckpt = save_checkpoint(randomize_(build_model(cfg, "cpu"), seed=seed), folder / "tiny.safetensors")
     return config, ckpt
+
+
+def squeeze_1x1(shape):
+    """A shape with 1x1 convolution kernels dropped: diffusers keeps the VAE's 1x1-conv attention as linear layers."""
+    shape = tuple(shape)
+    return shape[:2] if len(shape) == 4 and shape[2:] == (1, 1) else shape
+
+
+def diffusers_layout(sd, config):
+    """Our UNet and VAE keys mapped through diffusers' single-file converters, and diffusers' own models
+    of the same config on the meta device: ({part: ({key: shape} converted, {key: shape} theirs)},
+    the diffusers UNet config), shapes through `squeeze_1x1`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, create_unet_diffusers_config_from_ldm,
+        create_vae_diffusers_config_from_ldm)
+
+    checkpoint = {k: torch.empty(v.shape, device="meta") for k, v in sd.items()}
+    unet_cfg = create_unet_diffusers_config_from_ldm(config, checkpoint)
+    vae_cfg = create_vae_diffusers_config_from_ldm(config, checkpoint)
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**unet_cfg), AutoencoderKL(**vae_cfg)
+    out = {}
+    for name, converted, model in (("unet", convert_ldm_unet_checkpoint(checkpoint, unet_cfg), unet),
+                                   ("vae", convert_ldm_vae_checkpoint(checkpoint, vae_cfg), vae)):
+        out[name] = ({k: squeeze_1x1(v.shape) for k, v in converted.items()},
+                     {k: squeeze_1x1(v.shape) for k, v in model.state_dict().items()})
+    return out, unet_cfg

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
 
-from helpers import randomize_, rel_err, save_checkpoint, tiny_config
+from helpers import diffusers_layout, randomize_, rel_err, save_checkpoint, tiny_config
 from ldm import detect
 from ldm.checkpoint import CheckpointError, build_model
 from ldm.config import load_config
@@ -256,31 +256,6 @@ def test_text_tower_of_the_v2_config_has_the_checkpoint_layout():
     assert embedder.n_blocks == 23
 
 
-def _diffusers_layout(sd, config):
-    """Our UNet and VAE keys mapped through diffusers' single-file converters, and diffusers' own
-    models of the same config (on the meta device): {key: shape} for both, per part."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, create_unet_diffusers_config_from_ldm,
-        create_vae_diffusers_config_from_ldm)
-
-    checkpoint = {k: torch.empty(v.shape, device="meta") for k, v in sd.items()}
-    unet_cfg = create_unet_diffusers_config_from_ldm(config, checkpoint)
-    vae_cfg = create_vae_diffusers_config_from_ldm(config, checkpoint)
-    with torch.device("meta"):
-        unet, vae = UNet2DConditionModel(**unet_cfg), AutoencoderKL(**vae_cfg)
-    out = {}
-    for name, converted, model in (("unet", convert_ldm_unet_checkpoint(checkpoint, unet_cfg), unet),
-                                   ("vae", convert_ldm_vae_checkpoint(checkpoint, vae_cfg), vae)):
-        out[name] = ({k: tuple(v.shape) for k, v in converted.items()},
-                     {k: tuple(v.shape) for k, v in model.state_dict().items()})
-    return out
-
-
-def _squeeze(shape):  # diffusers keeps the VAE's 1x1-conv attention as linear layers
-    return tuple(shape[:2]) if len(shape) == 4 and shape[2:] == (1, 1) else shape
-
-
 @needs_unet
 def test_v2_model_reproduces_the_v2_1_768_checkpoint_layout():
     """Keys and shapes of the full 2.x model equal those of v2-1_768-ema-pruned.ckpt: the UNet and VAE
@@ -293,11 +268,11 @@ def test_v2_model_reproduces_the_v2_1_768_checkpoint_layout():
     assert all(k in sd for k in SCHEDULE_BUFFERS)
     assert len(sd) == 1240
     assert {k: v for k, v in sd.items() if k.startswith("cond_stage_model.")} == vit_h_14_keys()
-    layouts = _diffusers_layout(build_model(config, "meta").state_dict(), config)
+    layouts, _ = diffusers_layout(build_model(config, "meta").state_dict(), config)
     for part, n in (("unet", 686), ("vae", 248)):
         converted, theirs = layouts[part]
         assert len(converted) == n
-        assert {k: _squeeze(v) for k, v in converted.items()} == {k: _squeeze(v) for k, v in theirs.items()}
+        assert converted == theirs
     shapes = {
         "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320),  # linear, not 1x1 conv
         "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024),
@@ -349,11 +324,11 @@ def test_v2_unet_matches_diffusers_full_size():
 def test_v1_unet_and_vae_map_one_to_one_onto_diffusers():
     """The same converter check on the v1 model, which this branch's UNet builds: proves the check."""
     config = load_config(REPO / "configs/stable-diffusion/v1-inference.yaml")
-    layouts = _diffusers_layout(build_model(config, "meta").state_dict(), config)
+    layouts, _ = diffusers_layout(build_model(config, "meta").state_dict(), config)
     for part, n in (("unet", 686), ("vae", 248)):
         converted, theirs = layouts[part]
         assert len(converted) == n
-        assert {k: _squeeze(v) for k, v in converted.items()} == {k: _squeeze(v) for k, v in theirs.items()}
+        assert converted == theirs
 
 
 # ----------------------------------------------------------------------------- detection

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
 
-from helpers import randomize_, rel_err
+from helpers import diffusers_layout, randomize_, rel_err
 from ldm import detect
 from ldm.checkpoint import build_model, load_model
 from ldm.config import load_config
@@ -111,31 +111,6 @@ def test_configs_are_stabilitys():
     assert torch.equal(model.alphas_cumprod, v1.alphas_cumprod)  # LegacyDDPMDiscretization is v1's schedule
 
 
-def _diffusers_unet_vae(sd, config):
-    """Our UNet and VAE keys through diffusers' converters, and diffusers' models of the config on meta."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, create_unet_diffusers_config_from_ldm,
-        create_vae_diffusers_config_from_ldm)
-
-    checkpoint = {k: torch.empty(v.shape, device="meta") for k, v in sd.items()}
-    unet_cfg = create_unet_diffusers_config_from_ldm(config, checkpoint)
-    vae_cfg = create_vae_diffusers_config_from_ldm(config, checkpoint)
-    with torch.device("meta"):
-        unet, vae = UNet2DConditionModel(**unet_cfg), AutoencoderKL(**vae_cfg)
-    out = {}
-    for name, converted, model in (("unet", convert_ldm_unet_checkpoint(checkpoint, unet_cfg), unet),
-                                   ("vae", convert_ldm_vae_checkpoint(checkpoint, vae_cfg), vae)):
-        out[name] = ({k: _squeeze(v.shape) for k, v in converted.items()},
-                     {k: _squeeze(v.shape) for k, v in model.state_dict().items()})
-    return out, unet_cfg
-
-
-def _squeeze(shape):  # diffusers keeps the VAE's 1x1-conv attention as linear layers
-    shape = tuple(shape)
-    return shape[:2] if len(shape) == 4 and shape[2:] == (1, 1) else shape
-
-
 def _clip_configs():
     from transformers import CLIPTextConfig
 
@@ -183,7 +158,7 @@ def test_full_size_layout_maps_one_to_one_onto_diffusers_and_transformers(which)
     else:
         assert (count("first_stage_model."), count("conditioner.embedders.0.model.")) == (248, 390)
     assert len(sd) == sum(count(p) for p in ("model.diffusion_model.", "first_stage_model.", "conditioner."))
-    layouts, unet_cfg = _diffusers_unet_vae(sd, config)
+    layouts, unet_cfg = diffusers_layout(sd, config)
     assert unet_cfg["addition_embed_type"] == "text_time"
     for part in ("unet", "vae"):
         converted, theirs = layouts[part]

@@ -48,7 +48,24 @@ class DiffusionWrapper(nn.Module):
 
 class ScheduledModel(nn.Module):
     """What every latent diffusion model here shares: the training schedule's buffers (from
-    `linear_start`, `linear_end`, `num_timesteps`, set by the subclass), its device and its dtype."""
+    `linear_start`, `linear_end`, `num_timesteps`, set by the subclass), its device and dtype, the
+    UNet call (`model`) and the autoencoder's way in and out (`first_stage_model`, `scale_factor`)."""
+
+    def apply_model(self, x_noisy, t, cond, y=None):
+        """The UNet's prediction (eps, or v for a v-prediction model) at x_t, t under the text context
+        (and SDXL's vector y)."""
+        return self.model(x_noisy, t, cond, y)
+
+    def encode_first_stage(self, x):
+        """Images in [-1, 1] -> the posterior distribution over (unscaled) latents."""
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, posterior, generator=None):
+        return self.scale_factor * posterior.sample(generator)
+
+    def decode_first_stage(self, z):
+        """Scaled latents -> images in about [-1, 1]."""
+        return self.first_stage_model.decode(z / self.scale_factor)
 
     def reset_schedule(self, device=None):
         """(Re)compute the schedule buffers from the config, in float32 like the original."""
@@ -83,23 +100,8 @@ class LatentDiffusion(ScheduledModel):
         self.linear_start, self.linear_end, self.num_timesteps = linear_start, linear_end, int(timesteps)
         self.reset_schedule()
 
-    def apply_model(self, x_noisy, t, cond):
-        """The UNet's prediction (eps, or v for a v-prediction model) at x_t, t under the text context."""
-        return self.model(x_noisy, t, cond)
-
     def get_learned_conditioning(self, prompts):
         return self.cond_stage_model(prompts)
-
-    def encode_first_stage(self, x):
-        """Images in [-1, 1] -> the posterior distribution over (unscaled) latents."""
-        return self.first_stage_model.encode(x)
-
-    def get_first_stage_encoding(self, posterior, generator=None):
-        return self.scale_factor * posterior.sample(generator)
-
-    def decode_first_stage(self, z):
-        """Scaled latents -> images in about [-1, 1]."""
-        return self.first_stage_model.decode(z / self.scale_factor)
 
 
 class LatentInpaintDiffusion(LatentDiffusion):

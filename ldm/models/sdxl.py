@@ -275,14 +275,3 @@ class DiffusionEngine(ScheduledModel):
         self.force_zeros_for_empty_prompt = "aesthetic_score" not in self.conditioner.size_keys
         self.reset_schedule()
 
-    def apply_model(self, x_noisy, t, cond, y=None):
-        return self.model(x_noisy, t, cond, y)
-
-    def encode_first_stage(self, x):
-        return self.first_stage_model.encode(x)
-
-    def get_first_stage_encoding(self, posterior, generator=None):
-        return self.scale_factor * posterior.sample(generator)
-
-    def decode_first_stage(self, z):
-        return self.first_stage_model.decode(z / self.scale_factor)
