@@ -29,16 +29,19 @@ def test_first_signal_raises_and_handlers_are_restored():
     assert {s: signal.getsignal(s) for s in before} == before
 
 
+# The command line's shape: the clean-up after the first signal (the grid of the finished images) runs
+# inside `interrupts()`, so a second signal meets our handler whatever the parent left the signals at
+# (a pytest-xdist worker, or a shell's background job, starts its children with SIGINT ignored).
 SLOW_CLEANUP = """
 import sys, time
 from ldm.signals import interrupts
-try:
-    with interrupts():
+with interrupts():
+    try:
         print("ready", flush=True)
         time.sleep(60)
-except KeyboardInterrupt:
-    print("cleaning up", flush=True)
-    time.sleep(60)  # a clean-up that would take long: a second signal must cut it short
+    except KeyboardInterrupt:
+        print("cleaning up", flush=True)
+        time.sleep(60)  # a clean-up that would take long: a second signal must cut it short
 print("finished", flush=True)
 """
 
