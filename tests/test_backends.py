@@ -56,7 +56,8 @@ def _outputs(model, x, t, c, z, ids):
 LEVERS = BackendOptions.LEVERS
 
 
-@pytest.mark.parametrize("off", [None, "all", *LEVERS])
+# Fast tier: every lever on, and every lever off; each lever off in turn runs in the slow tier.
+@pytest.mark.parametrize("off", [None, "all", *(pytest.param(name, marks=pytest.mark.slow) for name in LEVERS)])
 def test_optimized_equals_reference_with_each_lever_off(off):
     model = _tiny()
     inputs = _inputs()

@@ -423,6 +423,7 @@ def test_thread_count_follows_the_work(tiny, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- concurrency, interruption, full disk
 
 
+@pytest.mark.slow
 def test_concurrent_runs_into_one_outdir(tiny, tmp_path):
     outdir = tmp_path / "shared"
     procs = [subprocess.Popen([sys.executable, str(SCRIPT), *base_args(tiny, outdir, "--n_samples", 2, "--n_iter", 1,

@@ -147,6 +147,7 @@ def test_demo_model_quality(demo_model):
     assert r.background_accuracy >= 0.9, r.records
 
 
+@pytest.mark.slow
 def test_samplers_agree(demo_model):
     """DDIM 50, DPM-Solver++ 20 and PLMS 50 on the same 24 prompts and start noise: colour and
     shape accuracy within one image of each other (all three identical when committed)."""

@@ -30,7 +30,7 @@ def _shapes_seen(pipe):
     return seen, unet
 
 
-@pytest.mark.parametrize("upscaler", ["latent", "lanczos"])
+@pytest.mark.parametrize("upscaler", ["latent", pytest.param("lanczos", marks=pytest.mark.slow)])
 def test_second_pass_runs_at_scale_times_the_size(pipe, upscaler):
     seen, unet = _shapes_seen(pipe)
     try:

@@ -209,6 +209,7 @@ def _diffusers_pipe_from(sd, config):
                                           requires_safety_checker=False)
 
 
+@pytest.mark.slow
 def test_each_image_reproducible_from_its_seed(tiny):
     config, ckpt = tiny
     pipe = Img2Img.from_files(str(config), str(ckpt), device="cpu", precision="full", hash_model=False)

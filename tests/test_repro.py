@@ -17,6 +17,10 @@ from PIL import Image
 from helpers import write_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
+# Slow tier: three or four whole processes. The fast tier keeps tests/test_distributed.py, which compares
+# the files of two processes at the same thread count.
+pytestmark = pytest.mark.slow
+
 N_IMAGES = 4  # 2 prompts x --n_iter 2
 
 
@@ -72,7 +76,6 @@ def test_same_thread_count_gives_the_same_bytes(runs):
     assert (runs["one_a"] / "grid-0000.png").read_bytes() == (runs["one_b"] / "grid-0000.png").read_bytes()
 
 
-@pytest.mark.slow  # tests/test_distributed.py compares the pixels of the same two runs in the fast tier
 def test_torchrun_matches_one_process_at_the_same_thread_count(job, runs):
     """2 processes of 1 thread each (torchrun's default) against 1 process of 1 thread: the same bytes."""
     d, args = job

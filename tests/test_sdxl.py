@@ -479,6 +479,7 @@ def test_vae_file_replaces_the_autoencoder(layout, tiny_files, tmp_path):
         load_vae(model, diffusers_layout)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_refiner_takes_over_at_the_switch(tiny_files):
     """--refiner: the base denoises t >= (1 - switch) * 1000, the refiner below, in one sampler run; switch 1
