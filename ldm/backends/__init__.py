@@ -127,7 +127,7 @@ def _pack(model, hints):
         weight = m.conv.weight if isinstance(m, PhaseUpsample) else m.weight
         m.file_mapping = containing_mapping(weight, mappings)  # for packing later (a first use, another shape)
         hint = m.hint if hints is None else hints.get(id(m))
-        if hint is None:
+        if hint is None or not kernels.fast_dtype(weight.dtype):  # a weight the oneDNN path will not take
             continue
         with torch.no_grad():
             m.pack(hint)
@@ -172,8 +172,9 @@ def _input_shapes(model, size, fan_out):
             continue
         else:
             continue
-        if p.device.type != "cpu" or p.dtype != torch.float32:
+        if p.device.type != "cpu" or not kernels.fast_dtype(p.dtype):
             continue
+        args = [a.to(p.dtype) if a.is_floating_point() and a.dim() > 1 else a for a in args]  # bfloat16 weights: inputs too
 
         def record(m, inputs, batch=batch, small=small):
             _, c, h, w = inputs[0].shape

@@ -49,9 +49,28 @@ def compiling():
     return _is_compiling()
 
 
+_BF16 = []  # [whether oneDNN computes bfloat16 on this CPU], asked once
+
+
+def bf16_available():
+    """True when oneDNN computes bfloat16 on this CPU (AVX512-BF16 or AMX; AVX-512 core emulates it)."""
+    if not _BF16:
+        try:
+            _BF16.append(bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+        except (AttributeError, RuntimeError):
+            _BF16.append(False)
+    return _BF16[0]
+
+
+def fast_dtype(dtype):
+    """True for the dtypes the oneDNN path computes in: float32, and bfloat16 where oneDNN has it."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and bf16_available())
+
+
 def fast(x, weight):
-    """True when this call can take the oneDNN path: CPU, float32, no gradient to record, not traced."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+    """True when this call can take the oneDNN path: CPU, float32 (or bfloat16 where the CPU has it, see
+    `fast_dtype`) in both, no gradient to record, not traced."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype and fast_dtype(x.dtype)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and not compiling())
 
 
