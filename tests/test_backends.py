@@ -368,6 +368,8 @@ def test_bf16_model_takes_the_onednn_path_and_stays_near_float32():
     unet = half.model.diffusion_model
     forms = [m._form[2] for m in unet.modules() if isinstance(m, fast.PackedConv2d) and "_form" in m.__dict__]
     assert forms and all(f.dtype == torch.bfloat16 for f in forms)
+    linears = [m for m in unet.modules() if isinstance(m, fast.OneDNNLinear)]
+    assert linears and all(m._bf16[1][0].is_mkldnn for m in linears)  # packed at optimize time
     assert unet.input_blocks[1][1].transformer_blocks[0].attn1.fused.graphs
     err_ref16 = rel_err(ref16, want)
     for eps in got:

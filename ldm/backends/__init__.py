@@ -28,7 +28,8 @@ from torch import nn
 from ..models.autoencoder import AutoencoderKL, Decoder
 from ..models.unet import UNetModel
 from . import kernels
-from .modules import COMPOSITE, LEAVES, Derived, FastCrossAttention, FastUNet, PackedConv2d, PhaseUpsample
+from .modules import (COMPOSITE, LEAVES, Derived, FastCrossAttention, FastGEGLU, FastUNet, OneDNNLinear, PackedConv2d,
+                      PhaseUpsample)
 from .memory import containing_mapping, private_file_mappings, release_file_pages
 from .options import BackendOptions
 
@@ -37,7 +38,7 @@ __all__ = ["BackendOptions", "optimize", "deoptimize", "refresh", "fans_out", "i
 log = logging.getLogger(__name__)
 
 _REFERENCE = {fast: ref for ref, fast in {**COMPOSITE, **LEAVES}.items()}
-_ADDED = ("backend", "fused", "hint", "file_mapping", "_form", "_kv", "_phases", "_runner")  # instance attributes optimize may add
+_ADDED = ("backend", "fused", "hint", "file_mapping", "_form", "_kv", "_phases", "_runner", "_bf16")  # instance attributes optimize may add
 
 
 def is_optimized(model: nn.Module) -> bool:
@@ -100,7 +101,7 @@ def refresh(model: nn.Module) -> nn.Module:
     """Rebuild what an optimized model derived from its weights (packed and rearranged weights, kept
     keys and values), after weights were changed in place; returns the model."""
     for m in model.modules():
-        if isinstance(m, (PackedConv2d, PhaseUpsample, FastCrossAttention)):
+        if isinstance(m, (PackedConv2d, PhaseUpsample, FastCrossAttention, OneDNNLinear)):
             m.clear_derived()
     _pack(model, None)
     return model
@@ -133,7 +134,19 @@ def _pack(model, hints):
             m.pack(hint)
         packed.append(weight)
     release_file_pages(packed, mappings)  # the plain copies are not read again: no need to keep them resident
+    if hints is None or hints:
+        _pack_bf16_linears(model)
     return len(packed)
+
+
+def _pack_bf16_linears(model):
+    """Pack the bfloat16 Linear weights for oneDNN now (float32 ones are used as they are)."""
+    halved = {id(m.proj) for m in model.modules() if isinstance(m, FastGEGLU) and m.backend.epilogues}
+    for m in model.modules():
+        if (isinstance(m, OneDNNLinear) and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"
+                and kernels.fast_dtype(m.weight.dtype)):
+            with torch.no_grad():
+                m.bf16_weight(2 if id(m) in halved else 1)
 
 
 @torch.no_grad()

@@ -110,10 +110,18 @@ def linear(x, weight, bias=None, residual=None):
     return y if residual is None else y + residual
 
 
-def geglu(x, weight, bias=None):
+def pack_linear_weight(weight, rows=1024):
+    """A bfloat16 Linear weight reordered once into oneDNN's blocked layout (for inputs of about `rows`
+    rows; others take it as well). oneDNN reorders a plain bfloat16 weight at every call otherwise
+    (its bfloat16 kernels read pairs of input channels together), which float32 does not need."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+
+
+def geglu(x, weight, bias=None, halves=None):
     """a * GELU(g) for [a, g] = linear(x).chunk(2, -1), as two matmuls whose epilogues apply the GELU
-    and the product, instead of a matmul and two passes over a strided half each."""
-    w_a, w_g = weight.chunk(2)
+    and the product, instead of a matmul and two passes over a strided half each. `halves`: (w_a, w_g)
+    as the matmul takes them (packed bfloat16, say), else `weight.chunk(2)`."""
+    w_a, w_g = weight.chunk(2) if halves is None else halves
     b_a, b_g = (None, None) if bias is None else bias.chunk(2)
     gate = torch.ops.mkldnn._linear_pointwise(x, w_g, b_g, "gelu", [], "none")  # "none": the exact (erf) GELU
     return torch.ops.mkldnn._linear_pointwise.binary(x, gate, w_a, b_a, "mul")
