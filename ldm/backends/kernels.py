@@ -1,5 +1,6 @@
 """The CPU float32 inference kernels the backend's fused modules call: oneDNN matmul, convolution,
-fused attention, and the rearrangements that feed them.
+fused attention, and the rearrangements that feed them. Each takes bfloat16 as well where oneDNN
+computes it on this CPU (`bf16_available`: AVX512-BF16 or AMX), products accumulated in float32.
 
 - `F.linear` sends float32 to MKL's sgemm, which on AMD processors takes an AVX2 path at about
   half of what the cores can do; oneDNN's matmul (`mkldnn::_linear_pointwise`) runs the full
