@@ -28,7 +28,8 @@ from torch import nn
 from ..models.autoencoder import AutoencoderKL, Decoder
 from ..models.unet import UNetModel
 from . import kernels
-from .modules import COMPOSITE, LEAVES, Derived, FastCrossAttention, FastUNet, PackedConv2d, PhaseUpsample
+from .modules import (COMPOSITE, LEAVES, Derived, FastCrossAttention, FastGEGLU, FastUNet, OneDNNLinear, PackedConv2d,
+                      PhaseUpsample)
 from .memory import containing_mapping, private_file_mappings, release_file_pages
 from .options import BackendOptions
 
@@ -37,7 +38,7 @@ __all__ = ["BackendOptions", "optimize", "deoptimize", "refresh", "fans_out", "i
 log = logging.getLogger(__name__)
 
 _REFERENCE = {fast: ref for ref, fast in {**COMPOSITE, **LEAVES}.items()}
-_ADDED = ("backend", "fused", "hint", "file_mapping", "_form", "_kv", "_phases", "_runner")  # instance attributes optimize may add
+_ADDED = ("backend", "fused", "hint", "file_mapping", "_form", "_kv", "_phases", "_runner", "_bf16")  # instance attributes optimize may add
 
 
 def is_optimized(model: nn.Module) -> bool:
@@ -100,7 +101,7 @@ def refresh(model: nn.Module) -> nn.Module:
     """Rebuild what an optimized model derived from its weights (packed and rearranged weights, kept
     keys and values), after weights were changed in place; returns the model."""
     for m in model.modules():
-        if isinstance(m, (PackedConv2d, PhaseUpsample, FastCrossAttention)):
+        if isinstance(m, (PackedConv2d, PhaseUpsample, FastCrossAttention, OneDNNLinear)):
             m.clear_derived()
     _pack(model, None)
     return model
@@ -127,13 +128,25 @@ def _pack(model, hints):
         weight = m.conv.weight if isinstance(m, PhaseUpsample) else m.weight
         m.file_mapping = containing_mapping(weight, mappings)  # for packing later (a first use, another shape)
         hint = m.hint if hints is None else hints.get(id(m))
-        if hint is None:
+        if hint is None or not kernels.fast_dtype(weight.dtype):  # a weight the oneDNN path will not take
             continue
         with torch.no_grad():
             m.pack(hint)
         packed.append(weight)
     release_file_pages(packed, mappings)  # the plain copies are not read again: no need to keep them resident
+    if hints is None or hints:
+        _pack_bf16_linears(model)
     return len(packed)
+
+
+def _pack_bf16_linears(model):
+    """Pack the bfloat16 Linear weights for oneDNN now (float32 ones are used as they are)."""
+    halved = {id(m.proj) for m in model.modules() if isinstance(m, FastGEGLU) and m.backend.epilogues}
+    for m in model.modules():
+        if (isinstance(m, OneDNNLinear) and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"
+                and kernels.fast_dtype(m.weight.dtype)):
+            with torch.no_grad():
+                m.bf16_weight(2 if id(m) in halved else 1)
 
 
 @torch.no_grad()
@@ -172,8 +185,9 @@ def _input_shapes(model, size, fan_out):
             continue
         else:
             continue
-        if p.device.type != "cpu" or p.dtype != torch.float32:
+        if p.device.type != "cpu" or not kernels.fast_dtype(p.dtype):
             continue
+        args = [a.to(p.dtype) if a.is_floating_point() and a.dim() > 1 else a for a in args]  # bfloat16 weights: inputs too
 
         def record(m, inputs, batch=batch, small=small):
             _, c, h, w = inputs[0].shape

@@ -1,5 +1,6 @@
 """The CPU float32 inference kernels the backend's fused modules call: oneDNN matmul, convolution,
-fused attention, and the rearrangements that feed them.
+fused attention, and the rearrangements that feed them. Each takes bfloat16 as well where oneDNN
+computes it on this CPU (`bf16_available`: AVX512-BF16 or AMX), products accumulated in float32.
 
 - `F.linear` sends float32 to MKL's sgemm, which on AMD processors takes an AVX2 path at about
   half of what the cores can do; oneDNN's matmul (`mkldnn::_linear_pointwise`) runs the full
@@ -49,9 +50,28 @@ def compiling():
     return _is_compiling()
 
 
+_BF16 = []  # [whether oneDNN computes bfloat16 on this CPU], asked once
+
+
+def bf16_available():
+    """True when oneDNN computes bfloat16 on this CPU (AVX512-BF16 or AMX; AVX-512 core emulates it)."""
+    if not _BF16:
+        try:
+            _BF16.append(bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+        except (AttributeError, RuntimeError):
+            _BF16.append(False)
+    return _BF16[0]
+
+
+def fast_dtype(dtype):
+    """True for the dtypes the oneDNN path computes in: float32, and bfloat16 where oneDNN has it."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and bf16_available())
+
+
 def fast(x, weight):
-    """True when this call can take the oneDNN path: CPU, float32, no gradient to record, not traced."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+    """True when this call can take the oneDNN path: CPU, float32 (or bfloat16 where the CPU has it, see
+    `fast_dtype`) in both, no gradient to record, not traced."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype and fast_dtype(x.dtype)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and not compiling())
 
 
@@ -91,10 +111,18 @@ def linear(x, weight, bias=None, residual=None):
     return y if residual is None else y + residual
 
 
-def geglu(x, weight, bias=None):
+def pack_linear_weight(weight, rows=1024):
+    """A bfloat16 Linear weight reordered once into oneDNN's blocked layout (for inputs of about `rows`
+    rows; others take it as well). oneDNN reorders a plain bfloat16 weight at every call otherwise
+    (its bfloat16 kernels read pairs of input channels together), which float32 does not need."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+
+
+def geglu(x, weight, bias=None, halves=None):
     """a * GELU(g) for [a, g] = linear(x).chunk(2, -1), as two matmuls whose epilogues apply the GELU
-    and the product, instead of a matmul and two passes over a strided half each."""
-    w_a, w_g = weight.chunk(2)
+    and the product, instead of a matmul and two passes over a strided half each. `halves`: (w_a, w_g)
+    as the matmul takes them (packed bfloat16, say), else `weight.chunk(2)`."""
+    w_a, w_g = weight.chunk(2) if halves is None else halves
     b_a, b_g = (None, None) if bias is None else bias.chunk(2)
     gate = torch.ops.mkldnn._linear_pointwise(x, w_g, b_g, "gelu", [], "none")  # "none": the exact (erf) GELU
     return torch.ops.mkldnn._linear_pointwise.binary(x, gate, w_a, b_a, "mul")

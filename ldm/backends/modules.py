@@ -55,11 +55,25 @@ class Derived:
 
 
 class OneDNNLinear(Derived, nn.Linear):
-    """nn.Linear through oneDNN's matmul; `forward(x, residual)` adds the residual in its epilogue."""
+    """nn.Linear through oneDNN's matmul; `forward(x, residual)` adds the residual in its epilogue.
+    A bfloat16 weight is packed once into oneDNN's layout (`bf16_weight`)."""
+
+    _derived = ("_bf16",)
+
+    def bf16_weight(self, parts=1):
+        """The bfloat16 weight packed for oneDNN, split in `parts` along the outputs first (GEGLU: 2); kept
+        while the weight stays."""
+        key = (kernels.tensor_key(self.weight), parts)
+        kept = self.__dict__.get("_bf16")
+        if kept is None or kept[0] != key:
+            self.__dict__.pop("_bf16", None)
+            self._bf16 = (key, [kernels.pack_linear_weight(w) for w in self.weight.chunk(parts)])
+        return self._bf16[1]
 
     def forward(self, x, residual=None):
         if self.backend.onednn and kernels.fast(x, self.weight):
-            return kernels.linear(x, self.weight, self.bias, residual)
+            weight = self.bf16_weight()[0] if x.dtype == torch.bfloat16 else self.weight
+            return kernels.linear(x, weight, self.bias, residual)
         y = F.linear(x, self.weight, self.bias)
         return y if residual is None else y + residual
 
@@ -160,6 +174,10 @@ class Attention:
 
     def attend(self, q, k, v):  # (b, h, n, d) each
         opts = self.backend
+        if opts.onednn and q.dtype == torch.bfloat16 and kernels.fast(q, k) and v.dtype == q.dtype:
+            # bfloat16 has float32's range (no overflow to avoid) and oneDNN computes it at twice the speed
+            return kernels.attention(q, k, v, fused=self.fused if opts.fused_attention else None,
+                                     blocked=opts.blocked_attention)
         if opts.fp32_attention and (q.dtype in (torch.float16, torch.bfloat16)
                                     or (q.is_cuda and torch.is_autocast_enabled("cuda"))):
             with torch.autocast(q.device.type, enabled=False):
@@ -202,7 +220,8 @@ class FastGEGLU(Derived, GEGLU):
         proj = self.proj
         if (self.backend.epilogues and self.backend.onednn and isinstance(proj, OneDNNLinear)
                 and kernels.fast(x, proj.weight)):
-            return kernels.geglu(x, proj.weight, proj.bias)
+            halves = proj.bf16_weight(2) if x.dtype == torch.bfloat16 else None
+            return kernels.geglu(x, proj.weight, proj.bias, halves)
         return super().forward(x)
 
 
@@ -298,6 +317,9 @@ class FastGroupNorm32(Derived, GroupNorm32):
     def forward(self, x):
         if (self.backend.half_groupnorm and x.is_cuda and x.dtype == self.weight.dtype
                 and x.dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled("cuda")):
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        if self.backend.onednn and x.dtype == torch.bfloat16 and kernels.fast(x, self.weight):
+            # the CPU kernel keeps bfloat16's statistics in float32 itself: no float32 copy in and out
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().forward(x)
 

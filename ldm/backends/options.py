@@ -12,8 +12,9 @@ from dataclasses import dataclass
 class BackendOptions:
     """The levers of the backend pass, each on by default where it measured faster (bench/README.md).
 
-    CPU float32 (each needs `onednn`; a call in another dtype, on another device, recording autograd or
-    traced by torch.compile takes the reference computation):
+    CPU float32, and bfloat16 where oneDNN computes it (AVX512-BF16 or AMX; `kernels.bf16_available`). Each
+    needs `onednn`; a call in another dtype (float16; bfloat16 on a CPU without it), on another device,
+    recording autograd or traced by torch.compile takes the reference computation:
 
     - `onednn`: every Linear runs oneDNN's matmul and every Conv2d a oneDNN convolution whose weight is
       reordered into oneDNN's layout once (at optimize time, see `prepack_latent_size`), not at every call.
@@ -33,6 +34,15 @@ class BackendOptions:
       shape, so a call at another size re-packs a weight once (the first step at that size pays for
       it). None: pack each weight at its first call instead.
 
+    bfloat16 on the CPU (`--precision bf16`: the model's weights are bfloat16): every lever above runs in
+    bfloat16 on the same terms, its products accumulated in float32 by oneDNN, with these differences:
+    the Linear weights are packed into oneDNN's layout too (once, at optimize time: a plain bfloat16
+    weight would be reordered at every call); GroupNorm runs on the bfloat16 activations directly (the
+    CPU kernel keeps its statistics in float32) instead of through a float32 copy; attention runs in
+    bfloat16 through the same kernels, softmax included, whatever `fp32_attention` says (bfloat16 has
+    float32's range: nothing overflows). Results are within bfloat16 rounding of float32 (about 2e-2 of
+    the largest eps on the tests' tiny UNet; bench/README.md has the images).
+
     Any device:
 
     - `fan_out`: the optimized UNet takes B latents with k*B contexts (classifier-free guidance: k = 2,
@@ -41,7 +51,8 @@ class BackendOptions:
     - `kv_reuse`: cross-attention keeps to_k(text) and to_v(text) from one step to the next while the
       context tensor and both weights are unchanged (never while autograd records, a graph is captured
       or torch.compile traces, nor for inference tensors, which have no version counter).
-    - `fp32_attention`: half-precision attention computed in float32 (SD 2.x overflows float16 there).
+    - `fp32_attention`: half-precision attention computed in float32 (SD 2.x overflows float16 there);
+      bfloat16 on the CPU's oneDNN path stays bfloat16 (see above).
     - `half_groupnorm`: on CUDA, a float16/bfloat16 GroupNorm without the float32 round trip of the
       reference (the CUDA kernel keeps its statistics in float32 anyway). Off by default: unmeasured.
     - `cuda_graphs`: the UNet replays each step from a CUDA graph captured once per input shape

@@ -43,15 +43,20 @@ def generate(model, prompts, sampler, steps, scale, seed=0, batch_size=32):
     """uint8 images [len(prompts), H, W, 3] for `prompts` (see the module docstring)."""
     get_sampler(sampler)  # fail early on an unknown name
     latent = (model.channels, shapes.RESOLUTION // 8, shapes.RESOLUTION // 8)  # f = 8
-    x_all = start_noise(len(prompts), seed, latent).to(model.device, model.dtype)
+    dtype, vae_dtype = model.dtype, next(model.first_stage_model.parameters()).dtype
+    x_all = start_noise(len(prompts), seed, latent).to(model.device)  # the sampler's state stays float32
     uncond = model.get_learned_conditioning([""])
     out = []
+
+    def eps_model(x, t, c):  # the model in its own dtype (bfloat16, say), as the pipeline runs it
+        return model.apply_model(x.to(dtype), t, c.to(dtype)).float()
+
     for i in range(0, len(prompts), batch_size):
         cond = model.get_learned_conditioning(list(prompts[i : i + batch_size]))
-        eps_fn = cfg_denoiser(model.apply_model, cond, uncond, scale, fans_out=backends.fans_out(model))
+        eps_fn = cfg_denoiser(eps_model, cond, uncond, scale, fans_out=backends.fans_out(model))
         generator = torch.Generator("cpu").manual_seed(seed + i)  # only stochastic samplers draw from it
         z = sample(sampler, eps_fn, x_all[i : i + batch_size], model.alphas_cumprod, steps, generator=generator)
-        out.append(shapes.to_uint8(model.decode_first_stage(z)))
+        out.append(shapes.to_uint8(model.decode_first_stage(z.to(vae_dtype)).float()))
     return np.concatenate(out)
 
 
