@@ -126,6 +126,65 @@ def test_fused_attention_keeps_a_bounded_number_of_graphs():
     assert [key[1][0][2] for key in fused.graphs] == [40, 20]  # the least recently used (30 keys) went
 
 
+@pytest.mark.parametrize("lever, has_avx512, sdpa", [(True, False, True), (True, True, False), (False, False, False)])
+def test_long_attention_without_avx512_takes_sdpa(monkeypatch, lever, has_avx512, sdpa):
+    """Beyond the fused kernel's 1024 keys: SDPA's flash kernel where the CPU kernels lack AVX-512 (faster
+    under AVX2), the blocked matmuls with it; the same values either way."""
+    calls = []
+    plain = F.scaled_dot_product_attention
+    monkeypatch.setattr(kernels.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or plain(*a, **kw))
+    monkeypatch.setattr(kernels, "avx512", lambda: has_avx512)
+    q, k, v = _qkv(1100, queries=40, heads=2)
+    with torch.no_grad():
+        out = kernels.attention(q, k, v, kernels.FusedAttention(), sdpa_without_avx512=lever)
+    assert len(calls) == (1 if sdpa else 0)
+    assert out.shape == (2, 2, 40, 40)
+    assert rel_err(out, _softmax_attention(q, k, v)) < 1e-5
+
+
+_CAP_SCRIPT = """
+import torch, torch.nn.functional as F
+from ldm.backends import BackendOptions, kernels, optimize
+from ldm.models.unet import CrossAttention
+torch.manual_seed(0)
+attn = optimize(CrossAttention(80, heads=2, dim_head=40).eval(), BackendOptions())
+x = torch.randn(1, 1100, 80)
+with torch.no_grad():
+    out = attn(x)
+    q, k, v = (t.view(1, 1100, 2, 40).transpose(1, 2) for t in (attn.to_q(x), attn.to_k(x), attn.to_v(x)))
+    ref = attn.to_out[0](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, 1100, 80))
+print(kernels.avx512(), torch.equal(out, ref))
+"""
+
+
+@pytest.mark.parametrize("env, expect", [
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}, "False True"),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, "False True"),
+])
+def test_avx2_cap_is_seen_and_takes_sdpa(env, expect):
+    """Under the AVX2 cap (set before torch starts, as oneDNN reads it once) `avx512()` is False and a
+    1100-token self-attention of an optimized module is SDPA's, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    full_env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1", **env}
+    res = subprocess.run([sys.executable, "-c", _CAP_SCRIPT], env=full_env, cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split("\n")[-2] == expect
+
+
+def test_avx512_follows_the_process():
+    import os
+
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    expected = (torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
+                and cap.startswith(("ALL", "AVX512", "AVX10", "AMX")))
+    assert kernels.avx512() == expected
+
+
 def test_fused_attention_stays_out_of_long_sequences():
     """Its first, unfused calls hold every score at once, and beyond 1024 keys the blocked matmuls are faster."""
     fused = kernels.FusedAttention()

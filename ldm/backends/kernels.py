@@ -16,14 +16,17 @@ computes it on this CPU (`bf16_available`: AVX512-BF16 or AMX), products accumul
 - A nearest 2x upsampling followed by a 3x3 convolution is four 2x2 convolutions on the small map,
   one per output phase (`phase_weights`): 4/9 of the FLOPs, and no upsampled copy.
 - Attention runs as oneDNN Graph's fused kernel up to 1024 keys (`FusedAttention`), and as
-  blocks of queries beyond (`attention`).
+  blocks of queries beyond (`attention`) where the kernels run AVX-512; without it (an AVX2
+  machine, or oneDNN capped to AVX2) SDPA's flash kernel takes those, faster there (`avx512`).
 
 Every function here is pure: what it keeps (traced graphs) lives in objects the caller owns.
 """
 
 import collections
+import functools
 import logging
 import math
+import os
 import warnings
 
 import torch
@@ -66,6 +69,24 @@ def bf16_available():
 def fast_dtype(dtype):
     """True for the dtypes the oneDNN path computes in: float32, and bfloat16 where oneDNN has it."""
     return dtype == torch.float32 or (dtype == torch.bfloat16 and bf16_available())
+
+
+_ONEDNN_AVX512_CAPS = ("ALL", "AVX512", "AVX10", "AMX")  # ONEDNN_MAX_CPU_ISA values that leave AVX-512 on
+
+
+@functools.lru_cache(maxsize=None)
+def avx512():
+    """True when this process's CPU kernels run AVX-512: ATen's vector kernels were built for it and picked
+    it (`torch.backends.cpu.get_cpu_capability()`, "AVX2" on an AVX2 machine or with ATEN_CPU_CAPABILITY=avx2),
+    and oneDNN is not capped below it (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA, which oneDNN reads once, at its
+    first use: a fact about the process, read here for the same reason). Decides kernels whose speed
+    ranks differently on AVX2 (bench/README.md, "AVX2")."""
+    try:
+        aten = torch.backends.cpu.get_cpu_capability().upper()
+    except (AttributeError, RuntimeError):
+        aten = "DEFAULT"
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    return aten.startswith("AVX512") and cap.startswith(_ONEDNN_AVX512_CAPS)
 
 
 def fast(x, weight):
@@ -284,14 +305,16 @@ def _scaled_dot_product(scale):
     return sdp
 
 
-def attention(q, k, v, fused=None, blocked=True, block_bytes=ATTN_BLOCK_BYTES):
+def attention(q, k, v, fused=None, blocked=True, block_bytes=ATTN_BLOCK_BYTES, sdpa_without_avx512=False):
     """softmax(q k^T / sqrt(d)) v for q [B, h, N, d] and k, v [B, h, M, d] of any strides; [B, h, N, d].
 
     On the oneDNN path: the `fused` kernel (a FusedAttention) where it applies; else, with `blocked`
     and at least 256 keys, two oneDNN matmuls per head and block of queries (scores of about 4 MB,
     then softmax, then the values: linear memory), which PyTorch's CPU flash kernel, running the
-    UNet's 40-wide heads at a fraction of the machine's speed, does not match. That result is laid
-    out as [B, N, h, d], so `.transpose(1, 2).reshape(B, N, h * d)` is free. Elsewhere SDPA.
+    UNet's 40-wide heads at a fraction of the machine's speed, does not match on AVX-512. That result is
+    laid out as [B, N, h, d], so `.transpose(1, 2).reshape(B, N, h * d)` is free. Elsewhere SDPA; also
+    instead of the blocks with `sdpa_without_avx512` when the kernels lack AVX-512 (`avx512()`): under
+    AVX2 the flash kernel is the faster (4096 keys: 0.34 against 0.47 s a UNet layer), natively the slower.
     """
     B, h, N, d = q.shape
     M = k.shape[2]
@@ -301,7 +324,7 @@ def attention(q, k, v, fused=None, blocked=True, block_bytes=ATTN_BLOCK_BYTES):
         out = fused(q, k, v)
         if out is not None:
             return out
-    if not blocked or M < ATTN_MIN_KEYS:
+    if not blocked or M < ATTN_MIN_KEYS or (sdpa_without_avx512 and not avx512()):
         return F.scaled_dot_product_attention(q, k, v)
     out = q.new_empty(B, N, h, d).transpose(1, 2)  # (B, h, N, d) view of a (B, N, h, d) buffer
     q = torch.mul(q, d**-0.5, out=q.new_empty(B, h, N, d))  # scaled, contiguous per head

@@ -25,6 +25,10 @@ class BackendOptions:
     - `fused_attention`: oneDNN Graph's fused attention kernel up to 1024 keys.
     - `blocked_attention`: attention over 256 keys or more (where the fused kernel does not apply) as two
       oneDNN matmuls per head and block of queries, in linear memory.
+    - `sdpa_without_avx512`: where the CPU kernels lack AVX-512 (an AVX2 machine, or oneDNN capped with
+      ONEDNN_MAX_CPU_ISA=AVX2: `kernels.avx512()`), attention that the fused kernel does not take (beyond
+      1024 keys: the 4096-token layers at 512x512) runs SDPA's flash kernel instead of the blocked matmuls,
+      1.1 to 1.4x faster there; with AVX-512 the blocks stay (SDPA is 1.4x slower there).
     - `phase_upsample`: each UNet upsampler (nearest 2x, then 3x3 conv) as four 2x2 convolutions of the
       small map, one per output phase: 4/9 of the FLOPs, no upsampled copy. (Not in the VAE decoder,
       whose large maps measured slower with it.)
@@ -64,6 +68,7 @@ class BackendOptions:
     epilogues: bool = True
     fused_attention: bool = True
     blocked_attention: bool = True
+    sdpa_without_avx512: bool = True
     phase_upsample: bool = True
     tiny_conv_gemm: bool = True
     prepack_latent_size: int | tuple[int, int] | None = 64
@@ -74,8 +79,8 @@ class BackendOptions:
     cuda_graphs: bool = False
     compile: bool = False
 
-    LEVERS = ("onednn", "epilogues", "fused_attention", "blocked_attention", "phase_upsample", "tiny_conv_gemm",
-              "fan_out", "kv_reuse", "fp32_attention", "half_groupnorm")
+    LEVERS = ("onednn", "epilogues", "fused_attention", "blocked_attention", "sdpa_without_avx512", "phase_upsample",
+              "tiny_conv_gemm", "fan_out", "kv_reuse", "fp32_attention", "half_groupnorm")
 
     @classmethod
     def from_env(cls, environ=None, **overrides) -> BackendOptions:
