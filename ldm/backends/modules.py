@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ..models.autoencoder import AttnBlock
+from ..models.autoencoder import AttnBlock, ResnetBlock
 from ..models.unet import (BasicTransformerBlock, CrossAttention, FeedForward, GEGLU, GroupNorm32, ResBlock,
                            SpatialTransformer, UNetModel, Upsample)
 from . import kernels
@@ -98,9 +98,26 @@ class PackedConv2d(Derived, nn.Conv2d):
         return self._form[2]
 
     def pack(self, input_shape):
-        """Lay the weight out for inputs of `input_shape` now (at optimize time, not in the first step)."""
+        """Lay the weight out for inputs of `input_shape` now (at optimize time, not in the first step);
+        False when calls of that shape run on the plain weight (`_plain_ok`): nothing is kept then."""
         self.hint = tuple(input_shape)
+        if self._plain_ok(self.hint):
+            self.clear_derived()
+            return False
         self.weight_form("gemm" if self._gemm_ok(self.hint) else "packed", self.hint)
+        return True
+
+    def _plain_ok(self, shape):
+        """True when a call on inputs of `shape` hands oneDNN the plain weight, to reorder for that call only:
+        an output of more than `pack_max_positions` positions (batch included), where the reorder is a small
+        part of the convolution's time, of a weight held in memory of its own (converted from a float16
+        file, say), which a packed copy would double. (A weight viewed in a mapped file is packed: its pages
+        are let go once packed, so the packed copy replaces it.)"""
+        limit = self.backend.pack_max_positions
+        if limit is None or self.file_mapping or self._gemm_ok(shape):
+            return False
+        ho, wo = kernels.conv_output_size(self, shape)
+        return shape[0] * ho * wo > limit
 
     def _gemm_ok(self, shape):
         """True when a call on inputs of `shape` takes `gemm_conv`: a kxk convolution (k > 1) with few outputs."""
@@ -122,8 +139,13 @@ class PackedConv2d(Derived, nn.Conv2d):
                 y = kernels.gemm_conv(x, self.weight_form("gemm"), self.kernel_size, self.stride, self.padding, bias,
                                       residual if fuse else None)
             else:
-                y = kernels.conv(x, self.weight_form("packed", x.shape), bias, self.padding,
-                                 self.stride, self.dilation, self.groups, residual if fuse else None)
+                if self._plain_ok(x.shape):
+                    self.__dict__.pop("_form", None)  # a packed copy for another shape is not kept beside it
+                    weight = self.weight
+                else:
+                    weight = self.weight_form("packed", x.shape)
+                y = kernels.conv(x, weight, bias, self.padding, self.stride, self.dilation, self.groups,
+                                 residual if fuse else None)
             if fuse:
                 residual = None
         if shift is not None:
@@ -354,10 +376,25 @@ class FastAttnBlock(Attention, Derived, AttnBlock):
         return x + self.proj_out(h)
 
 
+class FastVAEResBlock(Derived, ResnetBlock):
+    """The autoencoder's ResnetBlock with each SiLU applied in place to its GroupNorm's fresh output, and
+    the shortcut summed in conv2's epilogue. At 1024x1024 the decoder's widest maps (256 channels at full
+    size) are 1 GB a tensor, and the reference holds the block's input, the norm's output and the
+    activation's at once: 3 GB where this holds 2. Autograd recording: the reference."""
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            return super().forward(x)
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = F.silu(self.norm2(h), inplace=True)
+        shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
+        return _conv(self.conv2, h, residual=shortcut)
+
+
 # reference class -> fused class; the leaves only with `onednn` (the others read their levers at call time)
 COMPOSITE = {
     GroupNorm32: FastGroupNorm32, CrossAttention: FastCrossAttention, GEGLU: FastGEGLU, FeedForward: FastFeedForward,
     BasicTransformerBlock: FastTransformerBlock, SpatialTransformer: FastSpatialTransformer, Upsample: PhaseUpsample,
-    ResBlock: FastResBlock, UNetModel: FastUNet, AttnBlock: FastAttnBlock,
+    ResBlock: FastResBlock, UNetModel: FastUNet, AttnBlock: FastAttnBlock, ResnetBlock: FastVAEResBlock,
 }
 LEAVES = {nn.Linear: OneDNNLinear, nn.Conv2d: PackedConv2d}

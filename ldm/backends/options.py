@@ -32,6 +32,12 @@ class BackendOptions:
       shapes the conv weights are packed for at optimize time. oneDNN's layout depends on the input
       shape, so a call at another size re-packs a weight once (the first step at that size pays for
       it). None: pack each weight at its first call instead.
+    - `pack_max_positions`: a convolution whose output has more positions than this (batch x height x
+      width), and whose weight is not a view of a mapped file, is not packed: it hands oneDNN its plain
+      weight, reordered for that call only. On maps that large the reorder measured a small part of the
+      convolution's time, while the packed copy would be a second copy of the weight in memory (a weight
+      converted from a float16 file cannot be let go as a mapped one's pages are: SDXL's UNet and VAE
+      at 1024x1024 kept 1.2 GiB of such copies). None: pack every convolution.
 
     Any device:
 
@@ -56,6 +62,7 @@ class BackendOptions:
     phase_upsample: bool = True
     tiny_conv_gemm: bool = True
     prepack_latent_size: int | tuple[int, int] | None = 64
+    pack_max_positions: int | None = 1024
     fan_out: bool = True
     kv_reuse: bool = True
     fp32_attention: bool = True
