@@ -387,7 +387,9 @@ def test_a_larger_call_drops_the_packed_copy():
         conv.pack(x_small.shape)
         assert conv._form[1] == "packed"
         want = torch.nn.functional.conv2d(x_big, conv.weight, conv.bias, padding=1)
-        assert rel_err(conv(x_big), want) < TOL and "_form" not in conv.__dict__
+        y = conv(x_big)  # NCHW in: channels-last out, as a packed weight's call gives
+        assert rel_err(y, want) < TOL and "_form" not in conv.__dict__
+        assert y.is_contiguous(memory_format=torch.channels_last)
         assert conv.pack(x_big.shape) is False and "_form" not in conv.__dict__
 
 
