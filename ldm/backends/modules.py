@@ -64,6 +64,9 @@ class OneDNNLinear(Derived, nn.Linear):
         return y if residual is None else y + residual
 
 
+LARGE_WEIGHT_BYTES = 32 << 20  # a weight this large has its own, lower, limit for packing (pack_max_positions_large)
+
+
 class PackedConv2d(Derived, nn.Conv2d):
     """nn.Conv2d through oneDNN with its weight reordered once (`pack`); tiny outputs as one matmul.
 
@@ -109,13 +112,16 @@ class PackedConv2d(Derived, nn.Conv2d):
 
     def _plain_ok(self, shape):
         """True when a call on inputs of `shape` hands oneDNN the plain weight, to reorder for that call only:
-        an output of more than `pack_max_positions` positions (batch included), where the reorder is a small
-        part of the convolution's time, of a weight held in memory of its own (converted from a float16
+        an output of more than `pack_max_positions` positions (batch included; `pack_max_positions_large` for
+        a weight of 32 MiB or more), where the reorder is a small part of the convolution's time, of a
+        weight held in memory of its own (converted from a float16
         file, say), which a packed copy would double. (A weight viewed in a mapped file is packed: its pages
         are let go once packed, so the packed copy replaces it.)"""
         limit = self.backend.pack_max_positions
         if limit is None or self.file_mapping or self._gemm_ok(shape):
             return False
+        if self.weight.numel() * self.weight.element_size() >= LARGE_WEIGHT_BYTES:
+            limit = min(limit, self.backend.pack_max_positions_large)
         ho, wo = kernels.conv_output_size(self, shape)
         return shape[0] * ho * wo > limit
 
