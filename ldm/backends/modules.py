@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ..models.autoencoder import AttnBlock, ResnetBlock
+from ..models.autoencoder import AttnBlock
 from ..models.unet import (BasicTransformerBlock, CrossAttention, FeedForward, GEGLU, GroupNorm32, ResBlock,
                            SpatialTransformer, UNetModel, Upsample)
 from . import kernels
@@ -385,25 +385,10 @@ class FastAttnBlock(Attention, Derived, AttnBlock):
         return x + self.proj_out(h)
 
 
-class FastVAEResBlock(Derived, ResnetBlock):
-    """The autoencoder's ResnetBlock with each SiLU applied in place to its GroupNorm's fresh output, and
-    the shortcut summed in conv2's epilogue. At 1024x1024 the decoder's widest maps (256 channels at full
-    size) are 1 GB a tensor, and the reference holds the block's input, the norm's output and the
-    activation's at once: 3 GB where this holds 2. Autograd recording: the reference."""
-
-    def forward(self, x):
-        if torch.is_grad_enabled():
-            return super().forward(x)
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))
-        h = F.silu(self.norm2(h), inplace=True)
-        shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
-        return _conv(self.conv2, h, residual=shortcut)
-
-
 # reference class -> fused class; the leaves only with `onednn` (the others read their levers at call time)
 COMPOSITE = {
     GroupNorm32: FastGroupNorm32, CrossAttention: FastCrossAttention, GEGLU: FastGEGLU, FeedForward: FastFeedForward,
     BasicTransformerBlock: FastTransformerBlock, SpatialTransformer: FastSpatialTransformer, Upsample: PhaseUpsample,
-    ResBlock: FastResBlock, UNetModel: FastUNet, AttnBlock: FastAttnBlock, ResnetBlock: FastVAEResBlock,
+    ResBlock: FastResBlock, UNetModel: FastUNet, AttnBlock: FastAttnBlock,
 }
 LEAVES = {nn.Linear: OneDNNLinear, nn.Conv2d: PackedConv2d}
