@@ -34,12 +34,13 @@ class BackendOptions:
       it). None: pack each weight at its first call instead.
     - `pack_max_positions`: a convolution whose output has more positions than this (batch x height x
       width), and whose weight is not a view of a mapped file, is not packed: it hands oneDNN its plain
-      weight, reordered for that call only. On maps that large (8192 positions and more) the plain
+      weight, reordered for that call only. On maps that large (16384 positions and more) the plain
       weight measured within 1 % of the packed one, while the packed copy would be a second copy of the
       weight in memory: a weight converted from a float16 file cannot be let go as a mapped one's pages
       are. `pack_max_positions_large`: the same for weights of 32 MiB or more (SDXL's 1280-channel
-      layers, whose maps are 2048 positions at 1024x1024: 0.8 to 1.3x per layer, within the noise of the
-      whole step). SDXL at 1024x1024 keeps 70 fewer copies. None: pack every convolution.
+      layers, whose maps are 2048 positions at 1024x1024). With both, v1's UNet at 512x512 packs every
+      weight (its largest maps are 8192 positions), and SDXL at 1024x1024 keeps about 1 GB fewer copies
+      (bench/README.md, "SDXL at 1024x1024"). None: pack every convolution.
 
     Any device:
 
@@ -64,7 +65,7 @@ class BackendOptions:
     phase_upsample: bool = True
     tiny_conv_gemm: bool = True
     prepack_latent_size: int | tuple[int, int] | None = 64
-    pack_max_positions: int | None = 4096
+    pack_max_positions: int | None = 8192
     pack_max_positions_large: int = 1024
     fan_out: bool = True
     kv_reuse: bool = True
