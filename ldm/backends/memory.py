@@ -34,9 +34,9 @@ def trim_heap():
     PyTorch's CPU tensors come from malloc. glibc serves those under its mmap threshold (which rises,
     up to 32 MB, each time a larger block is freed) from its heaps, and keeps the pages of blocks freed
     there resident for reuse: after a sampling step of SDXL at 1024x1024 the UNet's activations left
-    0.98 GB of such pages behind (bench/README.md). Released before the decode, whose activations are of
-    other sizes and mostly do not fit the freed holes, they no longer add to the process's peak. Costs a
-    walk over the heaps' free lists (milliseconds).
+    about 1 GB of such pages behind (0.98 to 1.05 GB; bench/README.md). Released before the decode,
+    whose activations are of other sizes and mostly do not fit the freed holes, they no longer add to
+    the process's peak (0.9 GB lower). Costs a walk over the heaps' free lists (milliseconds).
     """
     if not sys.platform.startswith("linux"):
         return 0
