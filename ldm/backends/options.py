@@ -39,8 +39,8 @@ class BackendOptions:
       weight in memory: a weight converted from a float16 file cannot be let go as a mapped one's pages
       are. `pack_max_positions_large`: the same for weights of 32 MiB or more (SDXL's 1280-channel
       layers, whose maps are 2048 positions at 1024x1024). With both, v1's UNet at 512x512 packs every
-      weight (its largest maps are 8192 positions), and SDXL at 1024x1024 keeps about 1 GB fewer copies
-      (bench/README.md, "SDXL at 1024x1024"). None: pack every convolution.
+      weight (its largest maps are 8192 positions), and SDXL at 1024x1024 keeps 25 fewer copies: a
+      peak 1.4 GB lower (bench/README.md, "SDXL at 1024x1024"). None: pack every convolution.
 
     Any device:
 
