@@ -449,6 +449,7 @@ class Txt2Img:
                 z = self.sample([items[i] for i in run], opts, _step_hook(run, keep, kept, callback))
                 for j, pos in enumerate(run):
                     latents[pos] = z[j]
+            _release_freed_heap("sampling")  # the decode's activations need room, not the sampler's freed holes
             pictures = self.decode(torch.stack(latents)) if opts.batched else [self.decode(z[None])[0] for z in latents]
             strips = [self._strip(steps) if steps else None for steps in kept]
         flags = self.safety_flags(pictures)
@@ -567,3 +568,12 @@ def _intermediate_steps(steps: int) -> set[int]:
 
 def _short(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _release_freed_heap(phase):
+    """Return the C heap's free pages to the system after `phase` (ldm.backends.memory.trim_heap)."""
+    from .backends.memory import trim_heap
+
+    freed = trim_heap()
+    if freed:
+        log.info("returned %.2f GB of freed heap memory to the system after %s", freed / 1e9, phase)

@@ -4,6 +4,7 @@ changes (refresh)."""
 
 import copy
 import dataclasses
+import math
 import pickle
 import sys
 
@@ -14,7 +15,8 @@ from torch import nn
 from helpers import V1_CONFIG, randomize_, rel_err, tiny_config
 from ldm import backends
 from ldm.backends import BackendOptions, deoptimize, fans_out, optimize, refresh
-from ldm.backends import kernels, modules as fast
+from ldm.backends import kernels
+from ldm.backends import modules as fast
 from ldm.backends.kernels import onednn_available
 from ldm.checkpoint import build_model
 from ldm.config import instantiate, model_config
@@ -116,7 +118,7 @@ def test_state_dict_unchanged_and_reversible():
 
 @needs_onednn
 def test_weights_are_packed_at_optimize_time():
-    model = optimize(_tiny())
+    model = optimize(_tiny(), BackendOptions(pack_max_positions=None))  # every convolution packed
     unet = model.model.diffusion_model
     phase_convs = {id(m.conv) for m in unet.modules() if isinstance(m, fast.PhaseUpsample)}
     convs = [m for m in unet.modules() if isinstance(m, fast.PackedConv2d) and id(m) not in phase_convs]
@@ -328,6 +330,8 @@ def test_packing_releases_the_file_pages_of_a_loaded_model(tmp_path):
     resident, pages = _resident_pages(conv.weight)
     assert conv.file_mapping and pages >= 4 and resident == 0
     assert torch.equal(conv.weight, want)
+    big = model.model.diffusion_model.input_blocks[0][0]  # 64x64 map: over pack_max_positions, packed all the same
+    assert big.file_mapping and big.hint[2:] == (64, 64) and "_form" in big.__dict__  # (the packed copy replaces it)
     with torch.no_grad():
         x = torch.randn(1, 128, 8, 8)
         assert rel_err(conv(x), torch.nn.functional.conv2d(x.double(), want.double(), conv.bias.double(), padding=1)) < 1e-5
@@ -413,3 +417,86 @@ def test_full_v1_unet_in_bf16_stays_near_float32():
     diff = (got - want).abs()
     assert rel_err(got, want) < BF16_TOL
     assert diff.mean().item() < 0.02 * want.abs().mean().item()
+
+
+@needs_onednn
+@pytest.mark.parametrize("limit", [None, 1024, 0])
+def test_large_maps_run_on_the_plain_weight(limit):
+    """Convolutions with more than `pack_max_positions` output positions keep no packed copy (at optimize
+    time or at a call), those within it are packed; the results are the reference's either way."""
+    model, reference = _tiny(), _tiny()
+    optimize(model, BackendOptions(pack_max_positions=limit))
+    phase_convs = {id(m.conv) for m in model.modules() if isinstance(m, fast.PhaseUpsample)}
+    convs = [m for m in model.modules() if isinstance(m, fast.PackedConv2d) and id(m) not in phase_convs
+             and m.hint is not None]  # the encoder's are packed at their first call
+    for m in convs:
+        rows = m.hint[0] * math.prod(kernels.conv_output_size(m, m.hint))
+        plain = limit is not None and rows > limit and not m._gemm_ok(m.hint)
+        assert ("_form" in m.__dict__) == (not plain), (m.hint, limit)
+    if limit == 1024:  # the tiny model packed for 512x512: its 64x64 maps plain, its 32x32 ones packed
+        assert {m.hint[0] * m.hint[2] * m.hint[3] for m in convs if "_form" not in m.__dict__} >= {4096}
+        assert any("_form" in m.__dict__ for m in convs)
+    inputs = _inputs(latent=16)
+    eps_ref, img_ref, _ = _reference_outputs(reference, *inputs)
+    eps, img, _ = _outputs(model, *inputs)
+    assert all(rel_err(e, eps_ref) < TOL for e in eps) and rel_err(img, img_ref) < TOL
+    decoder_in = model.first_stage_model.decoder.conv_in  # 16x16 latent: 256 positions, within every limit but 0
+    assert ("_form" in decoder_in.__dict__) == (limit != 0)
+    big = model.first_stage_model.decoder.conv_out  # at 128x128: a packed copy only without a limit
+    assert ("_form" in big.__dict__) == (limit is None)
+
+
+@needs_onednn
+def test_a_larger_call_drops_the_packed_copy():
+    """A convolution packed for a small map and then called on a map over the limit keeps no packed copy."""
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    optimize(conv, BackendOptions(pack_max_positions=100))
+    x_small, x_big = torch.randn(1, 8, 10, 10), torch.randn(2, 8, 16, 16)  # 100 positions (over 64: no gemm); 512
+    with torch.no_grad():
+        conv.pack(x_small.shape)
+        assert conv._form[1] == "packed"
+        want = torch.nn.functional.conv2d(x_big, conv.weight, conv.bias, padding=1)
+        y = conv(x_big)  # NCHW in: channels-last out, as a packed weight's call gives
+        assert rel_err(y, want) < TOL and "_form" not in conv.__dict__
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert conv.pack(x_big.shape) is False and "_form" not in conv.__dict__
+
+
+def _glibc():
+    import ctypes
+
+    try:
+        return hasattr(ctypes.CDLL(None), "malloc_trim") and sys.platform.startswith("linux")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _glibc(), reason="glibc's malloc_trim")
+def test_trim_heap_returns_freed_holes():
+    """Blocks freed inside the C heap (below glibc's mmap threshold) stay resident until trimmed: with one
+    block in ten kept, free() cannot shrink the heap, and trim_heap hands the other nine back."""
+    from ldm.backends.memory import resident_bytes, trim_heap
+
+    trim_heap()
+    blocks = [torch.ones(16 * 1024) for _ in range(3000)]  # 64 KB each, 192 MB in all, written
+    kept = blocks[9::10]
+    before = resident_bytes()
+    del blocks
+    assert before - resident_bytes() < 60e6  # free() kept (most of) the holes
+    freed = trim_heap()
+    assert freed > 100e6 and len(kept) == 300 and all(bool((t == 1).all()) for t in kept[:5])
+    assert trim_heap() < 20e6  # nothing much left to return
+
+
+@needs_onednn
+def test_large_weights_have_a_lower_limit():
+    """A weight of 32 MiB or more (SDXL's 1280-channel layers) runs plain above `pack_max_positions_large`
+    positions, a smaller one above `pack_max_positions`; a weight viewed in a mapped file is always packed."""
+    big, small = nn.Conv2d(1280, 1280, 3, padding=1), nn.Conv2d(320, 320, 3, padding=1)  # 59 MB, 3.7 MB
+    for conv in (big, small):
+        optimize(conv, BackendOptions())  # defaults: 8192 and 1024
+    assert big._plain_ok((2, 1280, 32, 32)) and not big._plain_ok((2, 1280, 16, 16))  # 2048 and 512 positions
+    assert not small._plain_ok((2, 320, 32, 32)) and not small._plain_ok((2, 320, 64, 64))  # 2048, 8192
+    assert small._plain_ok((1, 320, 128, 128))  # 16384
+    big.file_mapping = [(0, 1)]  # as _pack marks a weight that is a view of a mapped file
+    assert not big._plain_ok((2, 1280, 32, 32))

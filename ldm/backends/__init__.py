@@ -131,7 +131,8 @@ def _pack(model, hints):
         if hint is None or not kernels.fast_dtype(weight.dtype):  # a weight the oneDNN path will not take
             continue
         with torch.no_grad():
-            m.pack(hint)
+            if m.pack(hint) is False:  # runs on its plain weight at that size: nothing packed
+                continue
         packed.append(weight)
     release_file_pages(packed, mappings)  # the plain copies are not read again: no need to keep them resident
     if hints is None or hints:

@@ -78,6 +78,9 @@ class OneDNNLinear(Derived, nn.Linear):
         return y if residual is None else y + residual
 
 
+LARGE_WEIGHT_BYTES = 32 << 20  # a weight this large has its own, lower, limit for packing (pack_max_positions_large)
+
+
 class PackedConv2d(Derived, nn.Conv2d):
     """nn.Conv2d through oneDNN with its weight reordered once (`pack`); tiny outputs as one matmul.
 
@@ -112,9 +115,29 @@ class PackedConv2d(Derived, nn.Conv2d):
         return self._form[2]
 
     def pack(self, input_shape):
-        """Lay the weight out for inputs of `input_shape` now (at optimize time, not in the first step)."""
+        """Lay the weight out for inputs of `input_shape` now (at optimize time, not in the first step);
+        False when calls of that shape run on the plain weight (`_plain_ok`): nothing is kept then."""
         self.hint = tuple(input_shape)
+        if self._plain_ok(self.hint):
+            self.clear_derived()
+            return False
         self.weight_form("gemm" if self._gemm_ok(self.hint) else "packed", self.hint)
+        return True
+
+    def _plain_ok(self, shape):
+        """True when a call on inputs of `shape` hands oneDNN the plain weight, to reorder for that call only:
+        an output of more than `pack_max_positions` positions (batch included; `pack_max_positions_large` for
+        a weight of 32 MiB or more), where the reorder is a small part of the convolution's time, of a
+        weight held in memory of its own (converted from a float16
+        file, say), which a packed copy would double. (A weight viewed in a mapped file is packed: its pages
+        are let go once packed, so the packed copy replaces it.)"""
+        limit = self.backend.pack_max_positions
+        if limit is None or self.file_mapping or self._gemm_ok(shape):
+            return False
+        if self.weight.numel() * self.weight.element_size() >= LARGE_WEIGHT_BYTES:
+            limit = min(limit, self.backend.pack_max_positions_large)
+        ho, wo = kernels.conv_output_size(self, shape)
+        return shape[0] * ho * wo > limit
 
     def _gemm_ok(self, shape):
         """True when a call on inputs of `shape` takes `gemm_conv`: a kxk convolution (k > 1) with few outputs."""
@@ -136,8 +159,16 @@ class PackedConv2d(Derived, nn.Conv2d):
                 y = kernels.gemm_conv(x, self.weight_form("gemm"), self.kernel_size, self.stride, self.padding, bias,
                                       residual if fuse else None)
             else:
-                y = kernels.conv(x, self.weight_form("packed", x.shape), bias, self.padding,
-                                 self.stride, self.dilation, self.groups, residual if fuse else None)
+                if self._plain_ok(x.shape):
+                    self.__dict__.pop("_form", None)  # a packed copy for another shape is not kept beside it
+                    weight = self.weight
+                    # channels-last in, so channels-last out, as from a packed weight (from an NCHW input a plain
+                    # weight gives NCHW, and every layer after it runs slower: the v1 decode 9 s -> 11 s)
+                    x = x.contiguous(memory_format=torch.channels_last)
+                else:
+                    weight = self.weight_form("packed", x.shape)
+                y = kernels.conv(x, weight, bias, self.padding, self.stride, self.dilation, self.groups,
+                                 residual if fuse else None)
             if fuse:
                 residual = None
         if shift is not None:

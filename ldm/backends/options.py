@@ -37,6 +37,15 @@ class BackendOptions:
       shapes the conv weights are packed for at optimize time. oneDNN's layout depends on the input
       shape, so a call at another size re-packs a weight once (the first step at that size pays for
       it). None: pack each weight at its first call instead.
+    - `pack_max_positions`: a convolution whose output has more positions than this (batch x height x
+      width), and whose weight is not a view of a mapped file, is not packed: it hands oneDNN its plain
+      weight, reordered for that call only. On maps that large (16384 positions and more) the plain
+      weight measured within 1 % of the packed one, while the packed copy would be a second copy of the
+      weight in memory: a weight converted from a float16 file cannot be let go as a mapped one's pages
+      are. `pack_max_positions_large`: the same for weights of 32 MiB or more (SDXL's 1280-channel
+      layers, whose maps are 2048 positions at 1024x1024). With both, v1's UNet at 512x512 packs every
+      weight (its largest maps are 8192 positions), and SDXL at 1024x1024 keeps 25 fewer copies: a
+      peak 1.4 GB lower (bench/README.md, "SDXL at 1024x1024"). None: pack every convolution.
 
     bfloat16 on the CPU (`--precision bf16`: the model's weights are bfloat16): every lever above runs in
     bfloat16 on the same terms, its products accumulated in float32 by oneDNN, with these differences:
@@ -72,6 +81,8 @@ class BackendOptions:
     phase_upsample: bool = True
     tiny_conv_gemm: bool = True
     prepack_latent_size: int | tuple[int, int] | None = 64
+    pack_max_positions: int | None = 8192
+    pack_max_positions_large: int = 1024
     fan_out: bool = True
     kv_reuse: bool = True
     fp32_attention: bool = True
