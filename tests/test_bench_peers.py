@@ -60,11 +60,12 @@ def test_table_rows():
     machine = {"isa": "AVX-512", "cpu": "AMD EPYC", "cores": 2, "classes": ["AVX2", "AVX-512"], "fp32_isa": "avx512",
                "fma_gflops": {"1": 250.0, "2": 500.0}, "sgemm_tflops": {"oneDNN matmul": 0.49}, "onednn_isa": "x",
                "command": "python bench/peers.py machine", "date": "d"}
-    text = table({"machine": {"native": machine}, "step": {"native": {"512": run}}})
+    sdcpp = {**run, "tools": {"ours": [4.3], "sdcpp-f16": [30.0]}}
+    text = table({"machine": {"native": machine}, "step": {"native": {"512": {"a": run, "b": sdcpp}}}})
     row = next(line for line in text.splitlines() if line.startswith("| guided step"))
-    assert row == "| guided step (batch 2), 512x512, s | AVX-512 | 4.20 | 6.70 | 5.00 |  |  | OpenVINO | 0.84 |"
+    assert row == "| guided step (batch 2), 512x512, s | AVX-512 | 4.20 | 6.70 | 5.00 |  | 30.00 | OpenVINO | 0.84 |"
     frac = next(line for line in text.splitlines() if "FMA bound" in line and line.startswith("|"))
-    assert "(500 GFLOPS, 1.600 TFLOP)" in frac
+    assert "(500 GFLOPS, 1.600 TFLOP a step as the original counts it)" in frac
     assert "| 76% | 48% | 64% |" in frac  # 1.6 TFLOP / 4.2 s / 500 GFLOPS, / 6.7 s, / 5.0 s
     note = next(line for line in text.splitlines() if line.startswith("- AVX-512:"))
     assert "1 thread 250, 2 threads 500 GFLOPS" in note and "oneDNN matmul 490 GFLOPS" in note
