@@ -247,7 +247,7 @@ def clip_tokenizer(path):
     from ldm.models.tokenizer import build_vocab, read_bpe_merges
 
     merges = read_bpe_merges()
-    tok = CLIPTokenizer(vocab=build_vocab(merges), merges=[tuple(m) for m in merges])
+    tok = CLIPTokenizer(vocab=build_vocab(merges), merges=[tuple(m) for m in merges], model_max_length=77)
     tok.save_pretrained(path)
     return tok
 
@@ -273,6 +273,18 @@ def diffusers_folder(ckpt, config, out):
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
+    prefix_text_encoder(out / "text_encoder" / "model.safetensors")
+
+
+def prefix_text_encoder(path):
+    """Recent transformers save CLIPTextModel's weights without the `text_model.` prefix, which the older
+    transformers that optimum-intel pins read as missing (and initialise at random): put it back."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(path)
+    if not all(k.startswith("text_model.") for k in sd):
+        save_file({k if k.startswith("text_model.") else "text_model." + k: v for k, v in sd.items()}, path,
+                  metadata={"format": "pt"})
 
 
 def prepare(args):
