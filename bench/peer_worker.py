@@ -48,7 +48,7 @@ def ov_primitive_isas(compiled):
     counts = {}
     for op in compiled.get_runtime_model().get_ops():
         rt = op.get_rt_info()
-        kind = str(rt["primitiveType"]) if "primitiveType" in rt else ""
+        kind = rt["primitiveType"].astype(str) if "primitiveType" in rt.keys() else ""
         for isa in ("amx", "avx512", "avx2", "sse42"):
             if isa in kind.lower():
                 counts[isa] = counts.get(isa, 0) + 1
