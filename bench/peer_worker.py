@@ -43,17 +43,20 @@ def ov_config(threads):
 
 
 def ov_primitive_isas(compiled):
-    """{kernel ISA: layers} from the compiled model's runtime graph (e.g. brgconv_avx512 -> avx512): which
-    instruction set OpenVINO's CPU plugin picked, to show whether a cap took effect."""
-    counts = {}
+    """{kernel ISA: layers} from the compiled model's runtime graph (brgconv_avx512_f32 -> avx512, a
+    Subgraph's jit_avx2_f32 -> avx2; "other" for kernels that name none), to show whether a cap took effect,
+    and {primitive type: layers} in full under "types"."""
+    counts, types = {}, {}
     for op in compiled.get_runtime_model().get_ops():
         rt = op.get_rt_info()
         kind = rt["primitiveType"].astype(str) if "primitiveType" in rt.keys() else ""
-        for isa in ("amx", "avx512", "avx2", "sse42"):
-            if isa in kind.lower():
-                counts[isa] = counts.get(isa, 0) + 1
-                break
-    return counts
+        layer = rt["layerType"].astype(str) if "layerType" in rt.keys() else ""
+        if layer in ("Input", "Parameter", "Const", "Constant", "Output", "Result"):
+            continue
+        types[f"{layer}:{kind}"] = types.get(f"{layer}:{kind}", 0) + 1
+        isa = next((isa for isa in ("amx", "avx512", "avx2", "sse42") if isa in kind.lower()), "other")
+        counts[isa] = counts.get(isa, 0) + 1
+    return {**counts, "types": types}
 
 
 def openvino_unet(model_dir, size, threads):
