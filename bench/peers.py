@@ -131,7 +131,7 @@ def table(res):
                 if k.get("types"):
                     mlas = sum(n for t, n in k["types"].items() if "mlas" in t)
                     cmds.append(f"{run['isa']}, {size}x{size}: OpenVINO compiled {k.get('avx512', 0)} kernels named AVX-512, "
-                                f"{k.get('avx2', 0)} named AVX2, and {mlas} FullyConnected layers on MLAS (which picks "
+                                f"{k.get('avx2', 0)} named AVX2, and {mlas} FullyConnected layers on MLAS (which chooses "
                                 "its ISA itself: not shown to be capped)")
                 cmds.append(f"{run['isa']}, {size}x{size}, {', '.join(NAMES[t] for t in run['tools'])}: `{run['command']}` "
                             f"({run['date']}, load average {run['load_avg'][0]:.1f} to {run['load_avg'][1]:.1f})")
