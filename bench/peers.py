@@ -41,6 +41,7 @@ PEERS = ("diffusers", "openvino", "sdcpp-f32", "sdcpp-f16")
 NAMES = {"ours": "ours", "diffusers": "diffusers", "openvino": "OpenVINO", "sdcpp-f32": "sd.cpp f32",
          "sdcpp-f16": "sd.cpp f16"}
 GB = 1e9
+ISA_NAMES = {"avx512": "AVX-512", "avx2": "AVX2"}
 
 
 # ----------------------------------------------------------------------------- pure logic (tested)
@@ -123,7 +124,7 @@ def table(res):
             bound = m.get("fma_gflops", {}).get(str(run.get("threads")))
             if bound and run.get("flops") and secs.get("ours"):
                 fr = {t: run["flops"] / s / (bound * 1e9) for t, s in secs.items() if s}
-                lines.append(f"|   fraction of the {m['fp32_isa'].upper()} fp32 FMA bound ({bound:.0f} GFLOPS, "
+                lines.append(f"|   fraction of the {ISA_NAMES[m['fp32_isa']]} fp32 FMA bound ({bound:.0f} GFLOPS, "
                              f"{run['flops'] / 1e12:.3f} TFLOP a step as the original counts it) | {run['isa']} | "
                              + " | ".join(f"{fr[t]:.0%}" if t in fr else "" for t in TOOLS) + " |  |  |")
             for run in runs.values():
@@ -155,7 +156,7 @@ def table(res):
             continue
         fma = ", ".join(f"{k} thread{'s' if k != '1' else ''} {v:.0f}" for k, v in sorted(m["fma_gflops"].items()))
         notes.append(f"- {m['isa']}: {m['cpu']}, {m['cores']} cores, classes {' / '.join(m['classes'])}; fp32 FMA bound "
-                     f"({m['fp32_isa'].upper()}, measured by bench/fma.c) {fma} GFLOPS; measured sgemm "
+                     f"({ISA_NAMES[m['fp32_isa']]}, measured by bench/fma.c) {fma} GFLOPS; measured sgemm "
                      + ", ".join(f"{k} {v * 1000:.0f}" for k, v in m["sgemm_tflops"].items())
                      + f" GFLOPS; oneDNN runs `{m.get('onednn_isa', '?')}`; `{m['command']}` ({m['date']})")
     versions = res.get("versions", {})
