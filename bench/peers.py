@@ -362,6 +362,9 @@ def step(args):
 
     torch.set_num_threads(args.threads)
     tools = args.tools.split(",")
+    unknown = set(tools) - set(TOOLS)
+    if unknown:
+        raise SystemExit(f"bench/peers.py: unknown tools {sorted(unknown)} (choose from {', '.join(TOOLS)})")
     size, lat = args.size, args.size // 8
     res = {**stamp(args), "size": size, "load_avg": [os.getloadavg()[0]], "tools": {}, "workers": {},
            "flops": unet_flops(V1_CONFIG, size)}
@@ -386,9 +389,6 @@ def step(args):
             res["workers"][tool] = w.ready
             workers.append(w)
             fns[tool] = w.step
-    unknown = set(tools) - set(TOOLS)
-    if unknown:
-        raise SystemExit(f"bench/peers.py: unknown tools {sorted(unknown)} (choose from {', '.join(TOOLS)})")
     try:
         with torch.no_grad():
             for name, fn in fns.items():  # warm-up: first-call costs out of the timing
