@@ -276,15 +276,20 @@ def test_v2_and_xl_configs_build_the_original_key_layout(name):
     assert all(tuple(converted[k].shape) == tuple(expected[k].shape) for k in expected)
 
 
-@pytest.mark.slow
-def test_full_v1_unet_optimized_equals_reference():
-    """The real v1 UNet (random weights), a 32x32 latent under two contexts: reference (latent repeated)
-    against the optimized model (latent given once) with every lever on, then with each lever off in turn."""
+def _full_v1_unet_and_inputs():
+    """The real v1 UNet with random weights, one 32x32 latent, a timestep and two contexts."""
     torch.manual_seed(0)
     unet = instantiate(model_config(V1_CONFIG)["params"]["unet_config"]).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(1, 4, 32, 32, generator=g), torch.tensor([500.0])
-    c = torch.randn(2, 77, 768, generator=g)
+    return unet, x, t, torch.randn(2, 77, 768, generator=g)
+
+
+@pytest.mark.slow
+def test_full_v1_unet_optimized_equals_reference():
+    """The real v1 UNet (random weights), a 32x32 latent under two contexts: reference (latent repeated)
+    against the optimized model (latent given once) with every lever on, then with each lever off in turn."""
+    unet, x, t, c = _full_v1_unet_and_inputs()
     with torch.no_grad():
         want = unet(x.repeat(2, 1, 1, 1), t.repeat(2), c)
         optimize(unet, BackendOptions(prepack_latent_size=32))
@@ -405,11 +410,7 @@ def test_full_v1_unet_in_bf16_stays_near_float32():
     """The real v1 UNet (random weights), a 32x32 latent under two contexts: optimized in bfloat16 against
     the float32 reference, within bfloat16 rounding (bench/micro_step.py --dtype float32 bfloat16 measured
     a max |diff| of 0.018 and a mean of 0.003 on eps of mean |eps| 0.28)."""
-    torch.manual_seed(0)
-    unet = instantiate(model_config(V1_CONFIG)["params"]["unet_config"]).eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(1)
-    x, t = torch.randn(1, 4, 32, 32, generator=g), torch.tensor([500.0])
-    c = torch.randn(2, 77, 768, generator=g)
+    unet, x, t, c = _full_v1_unet_and_inputs()
     with torch.no_grad():
         want = unet(x.repeat(2, 1, 1, 1), t.repeat(2), c)
         unet = optimize(unet.to(torch.bfloat16), BackendOptions(prepack_latent_size=32))
