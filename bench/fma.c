@@ -13,43 +13,34 @@
 
 #define CHAINS 12 /* more than latency x ports (4 x 2) on current cores: the chains never wait on each other */
 
-__attribute__((target("avx2,fma"))) static double run_avx2(long iters, float seed) {
-    const __m256 a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
-    __m256 c0 = _mm256_set1_ps(seed), c1 = _mm256_set1_ps(seed + 1), c2 = _mm256_set1_ps(seed + 2), c3 = _mm256_set1_ps(seed + 3), c4 = _mm256_set1_ps(seed + 4),
-           c5 = _mm256_set1_ps(seed + 5), c6 = _mm256_set1_ps(seed + 6), c7 = _mm256_set1_ps(seed + 7), c8 = _mm256_set1_ps(seed + 8), c9 = _mm256_set1_ps(seed + 9),
-           c10 = _mm256_set1_ps(seed + 10), c11 = _mm256_set1_ps(seed + 11);
-    for (long n = 0; n < iters; n++) { /* CHAINS = 12 independent accumulators, each one FMA an iteration */
-        c0 = _mm256_fmadd_ps(c0, a, b); c1 = _mm256_fmadd_ps(c1, a, b); c2 = _mm256_fmadd_ps(c2, a, b); c3 = _mm256_fmadd_ps(c3, a, b);
-        c4 = _mm256_fmadd_ps(c4, a, b); c5 = _mm256_fmadd_ps(c5, a, b); c6 = _mm256_fmadd_ps(c6, a, b); c7 = _mm256_fmadd_ps(c7, a, b);
-        c8 = _mm256_fmadd_ps(c8, a, b); c9 = _mm256_fmadd_ps(c9, a, b); c10 = _mm256_fmadd_ps(c10, a, b); c11 = _mm256_fmadd_ps(c11, a, b);
+/* One function per ISA from the same body: VEC is the vector type, P the intrinsics' prefix (_mm256 / _mm512),
+ * LANES the floats in a vector. CHAINS = 12 independent accumulators written out (not a loop over an array,
+ * which the compiler need not keep in registers), each one FMA an iteration, each from another value (identical
+ * chains would be merged). */
+#define FMA_RUN(NAME, TARGET, VEC, P, LANES)                                                                         \
+    __attribute__((target(TARGET))) static double NAME(long iters, float seed) {                                    \
+        const VEC a = P##_set1_ps(0.999999f), b = P##_set1_ps(1e-7f);                                               \
+        VEC c0 = P##_set1_ps(seed), c1 = P##_set1_ps(seed + 1), c2 = P##_set1_ps(seed + 2), c3 = P##_set1_ps(seed + 3), \
+            c4 = P##_set1_ps(seed + 4), c5 = P##_set1_ps(seed + 5), c6 = P##_set1_ps(seed + 6),                       \
+            c7 = P##_set1_ps(seed + 7), c8 = P##_set1_ps(seed + 8), c9 = P##_set1_ps(seed + 9),                       \
+            c10 = P##_set1_ps(seed + 10), c11 = P##_set1_ps(seed + 11);                                             \
+        for (long n = 0; n < iters; n++) {                                                                          \
+            c0 = P##_fmadd_ps(c0, a, b); c1 = P##_fmadd_ps(c1, a, b); c2 = P##_fmadd_ps(c2, a, b);                    \
+            c3 = P##_fmadd_ps(c3, a, b); c4 = P##_fmadd_ps(c4, a, b); c5 = P##_fmadd_ps(c5, a, b);                    \
+            c6 = P##_fmadd_ps(c6, a, b); c7 = P##_fmadd_ps(c7, a, b); c8 = P##_fmadd_ps(c8, a, b);                    \
+            c9 = P##_fmadd_ps(c9, a, b); c10 = P##_fmadd_ps(c10, a, b); c11 = P##_fmadd_ps(c11, a, b);                \
+        }                                                                                                           \
+        VEC all[CHAINS] = {c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11};                                       \
+        float out[LANES], s = 0;                                                                                    \
+        for (int i = 0; i < CHAINS; i++) {                                                                          \
+            P##_storeu_ps(out, all[i]);                                                                             \
+            s += out[0];                                                                                            \
+        }                                                                                                           \
+        return s;                                                                                                   \
     }
-    __m256 all[CHAINS] = {c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11};
-    float out[8], s = 0;
-    for (int i = 0; i < CHAINS; i++) {
-        _mm256_storeu_ps(out, all[i]);
-        s += out[0];
-    }
-    return s;
-}
 
-__attribute__((target("avx512f"))) static double run_avx512(long iters, float seed) {
-    const __m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
-    __m512 c0 = _mm512_set1_ps(seed), c1 = _mm512_set1_ps(seed + 1), c2 = _mm512_set1_ps(seed + 2), c3 = _mm512_set1_ps(seed + 3), c4 = _mm512_set1_ps(seed + 4),
-           c5 = _mm512_set1_ps(seed + 5), c6 = _mm512_set1_ps(seed + 6), c7 = _mm512_set1_ps(seed + 7), c8 = _mm512_set1_ps(seed + 8), c9 = _mm512_set1_ps(seed + 9),
-           c10 = _mm512_set1_ps(seed + 10), c11 = _mm512_set1_ps(seed + 11);
-    for (long n = 0; n < iters; n++) { /* CHAINS = 12 independent accumulators, each one FMA an iteration */
-        c0 = _mm512_fmadd_ps(c0, a, b); c1 = _mm512_fmadd_ps(c1, a, b); c2 = _mm512_fmadd_ps(c2, a, b); c3 = _mm512_fmadd_ps(c3, a, b);
-        c4 = _mm512_fmadd_ps(c4, a, b); c5 = _mm512_fmadd_ps(c5, a, b); c6 = _mm512_fmadd_ps(c6, a, b); c7 = _mm512_fmadd_ps(c7, a, b);
-        c8 = _mm512_fmadd_ps(c8, a, b); c9 = _mm512_fmadd_ps(c9, a, b); c10 = _mm512_fmadd_ps(c10, a, b); c11 = _mm512_fmadd_ps(c11, a, b);
-    }
-    __m512 all[CHAINS] = {c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11};
-    float out[16], s = 0;
-    for (int i = 0; i < CHAINS; i++) {
-        _mm512_storeu_ps(out, all[i]);
-        s += out[0];
-    }
-    return s;
-}
+FMA_RUN(run_avx2, "avx2,fma", __m256, _mm256, 8)
+FMA_RUN(run_avx512, "avx512f", __m512, _mm512, 16)
 
 int main(int argc, char **argv) {
     if (argc != 4) {

@@ -69,19 +69,24 @@ def test_unet_names_agree_with_diffusers_converter(which):
     assert n > 50
 
 
-def _kohya_keys_v1_full():
-    """Every module a kohya LoRA / LoCon for SD v1 can carry, with its weight shape, from diffusers' UNet
-    and transformers' CLIP text model at the real sizes (built on the meta device)."""
+def _meta_diffusers_unet_and_clip_l(config_path):
+    """Our model, diffusers' UNet for its config and transformers' CLIP ViT-L text model: real sizes, on meta."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    config = {"model": model_config(V1_CONFIG)}
+    config = {"model": model_config(config_path)}
     model = build_model(config, "meta")
     cfg, _ = _diffusers_unet(config, model.state_dict())
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**cfg)
-        clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                            num_attention_heads=12))
+        return (model, UNet2DConditionModel(**cfg),
+                CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                             num_attention_heads=12)))
+
+
+def _kohya_keys_v1_full():
+    """Every module a kohya LoRA / LoCon for SD v1 can carry, with its weight shape, from diffusers' UNet
+    and transformers' CLIP text model at the real sizes (built on the meta device)."""
+    model, unet, clip = _meta_diffusers_unet_and_clip_l(V1_CONFIG)
     shapes = {}
     for name, m in unet.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -447,16 +452,10 @@ SDXL_CONFIG = "configs/sdxl/sd_xl_base.yaml"
 def test_every_key_of_a_real_shaped_sdxl_diffusers_lora_maps():
     """SDXL: diffusers-layout names (unet.*, text_encoder.*, text_encoder_2.*) at the real shapes find their
     layers (lora_te1_ -> CLIP-L, lora_te2_ -> OpenCLIP bigG with stacked q/k/v)."""
-    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    config = {"model": model_config(SDXL_CONFIG)}
-    model = build_model(config, "meta")
-    cfg, _ = _diffusers_unet(config, model.state_dict())
+    model, unet, te1 = _meta_diffusers_unet_and_clip_l(SDXL_CONFIG)
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**cfg)
-        te1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                           num_attention_heads=12))
         te2 = CLIPTextModel(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                                            num_attention_heads=20, hidden_act="gelu"))
     sd, shapes = {}, {}
