@@ -205,12 +205,11 @@ class Attention:
 
     def attend(self, q, k, v):  # (b, h, n, d) each
         opts = self.backend
-        if opts.onednn and q.dtype == torch.bfloat16 and kernels.fast(q, k) and v.dtype == q.dtype:
-            # bfloat16 has float32's range (no overflow to avoid) and oneDNN computes it at twice the speed
-            return kernels.attention(q, k, v, fused=self.fused if opts.fused_attention else None,
-                                     blocked=opts.blocked_attention)
-        if opts.fp32_attention and (q.dtype in (torch.float16, torch.bfloat16)
-                                    or (q.is_cuda and torch.is_autocast_enabled("cuda"))):
+        # bfloat16 on the oneDNN path stays bfloat16: it has float32's range (no overflow to avoid), and
+        # oneDNN computes it at twice the speed
+        onednn_bf16 = opts.onednn and q.dtype == torch.bfloat16 and v.dtype == q.dtype and kernels.fast(q, k)
+        if opts.fp32_attention and not onednn_bf16 and (q.dtype in (torch.float16, torch.bfloat16)
+                                                        or (q.is_cuda and torch.is_autocast_enabled("cuda"))):
             with torch.autocast(q.device.type, enabled=False):
                 return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
         if opts.onednn:
