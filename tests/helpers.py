@@ -3,6 +3,7 @@
 import copy
 import math
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -63,6 +64,14 @@ def randomize_(module, seed=0):
         else:
             p.copy_(0.2 * torch.randn(p.shape, generator=g))
     return module
+
+
+def fast_first(*values, fast=1):
+    """Parametrize values of which the first `fast` run in the fast tier and the rest only in the slow one
+    (CI runs all): one case of each kind while working, every case before landing. A tuple is the values of
+    several names."""
+    return [v if i < fast else pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=pytest.mark.slow)
+            for i, v in enumerate(values)]
 
 
 def rel_err(a, b):

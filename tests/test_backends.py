@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import V1_CONFIG, randomize_, rel_err, tiny_config
+from helpers import V1_CONFIG, fast_first, randomize_, rel_err, tiny_config
 from ldm import backends
 from ldm.backends import BackendOptions, deoptimize, fans_out, optimize, refresh
 from ldm.backends import kernels
@@ -421,7 +421,7 @@ def test_full_v1_unet_in_bf16_stays_near_float32():
 
 
 @needs_onednn
-@pytest.mark.parametrize("limit", [None, 1024, 0])
+@pytest.mark.parametrize("limit", fast_first(None, 1024, 0, fast=2))
 def test_large_maps_run_on_the_plain_weight(limit):
     """Convolutions with more than `pack_max_positions` output positions keep no packed copy (at optimize
     time or at a call), those within it are packed; the results are the reference's either way."""

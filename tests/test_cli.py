@@ -408,6 +408,7 @@ def test_from_png_of_an_unknown_model_says_which_model_and_where_it_looked(tmp_p
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_thread_count_follows_the_work(tiny, tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     for extra, expected in (([], "1 CPU thread(s)"), (["--threads", 2], "2 CPU thread(s)")):
@@ -460,6 +461,7 @@ def test_ctrl_c_keeps_saved_images_and_writes_the_grid(tiny, tmp_path, monkeypat
     assert "interrupted: 2 image(s) saved" in err and "grid-0000.png" in err
 
 
+@pytest.mark.slow
 def test_sigint_from_the_terminal(tiny, tmp_path):
     import signal
 
@@ -568,6 +570,7 @@ def test_script_exit_codes_and_messages(tiny, tmp_path):
     assert r.returncode == 0 and r.stdout.splitlines()[0].split()[0] == "ddim" and "euler_a" in r.stdout
 
 
+@pytest.mark.slow
 def test_console_script(tiny, tmp_path):
     exe = shutil.which("txt2img")
     if exe is None:
@@ -592,6 +595,7 @@ def test_help_is_instant_and_imports_no_torch():
     assert time.perf_counter() - start < 10  # generous for a loaded 2-core machine; typically 0.1 s
 
 
+@pytest.mark.slow
 def test_openmp_spin_count_is_set_unless_the_user_chose_a_policy():
     from ldm.defaults import OPENMP_SPINCOUNT, set_openmp_defaults
 

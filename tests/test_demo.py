@@ -116,6 +116,58 @@ def test_training_is_seeded_and_stage_2_resumes_from_stage_1(tmp_path):
     assert torch.equal(sa[vae], se[vae])
 
 
+
+def _train_both_stages(seed):
+    """Two autoencoder steps and two diffusion steps of the demo model from its config, in this process."""
+    from ldm.checkpoint import build_model
+    from ldm.demo import train
+
+    torch.manual_seed(0)  # the initial weights
+    model = build_model(str(CONFIG), "cpu")
+    images, _, scenes = shapes.make_dataset(8, seed=seed)
+    vae = model.first_stage_model
+    rec, kl = train.train_autoencoder(vae, images, 2, batch_size=2, seed=seed, progress=False)
+    mean, std = train.encode_dataset(vae, images)
+    model.scale_factor = train.latent_scale(mean, std, seed=seed)
+    seen = []
+    loss = train.train_diffusion(model, mean, std, scenes, 2, batch_size=2, seed=seed, progress=False,
+                                 callback=lambda step, ema: seen.append((step, ema.updates)))
+    return model, (rec, kl, loss), seen, mean
+
+
+def test_training_steps_in_process_are_seeded_and_move_the_weights():
+    """The training module's own loops (the whole-script test above is in the slow tier)."""
+    from ldm.checkpoint import build_model
+
+    a, losses, seen, mean = _train_both_stages(seed=0)
+    b, losses_b, _, _ = _train_both_stages(seed=0)
+    assert all(np.isfinite(v) for v in losses) and losses == losses_b
+    assert mean.shape == (8, 4, 8, 8) and seen == [(1, 1), (2, 2)]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # the same seed, the same weights
+    torch.manual_seed(0)
+    init = build_model(str(CONFIG), "cpu").state_dict()
+    for key in ("first_stage_model.decoder.conv_out.weight", "model.diffusion_model.out.2.weight",
+                "cond_stage_model.transformer.text_model.final_layer_norm.weight"):
+        assert not torch.equal(sa[key], init[key]), key  # every trained part moved
+    c, losses_c, _, _ = _train_both_stages(seed=1)
+    assert losses_c != losses
+
+
+def test_ema_warm_up_and_learning_rate_schedule():
+    from ldm.demo.train import EMA, lr_lambda
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA([p], decay=0.999)
+    with torch.no_grad():
+        p.fill_(1.0)
+    ema.update()  # decay min(0.999, 2 / 11): the average moves 9/11 of the way
+    assert torch.allclose(ema.shadow[0], torch.full((3,), 9 / 11))
+    ema.swap()
+    assert torch.allclose(p, torch.full((3,), 9 / 11)) and torch.equal(ema.shadow[0], torch.ones(3))
+    f = lr_lambda(100, 10)
+    assert [f(0), f(9), f(10), f(55), f(100)] == pytest.approx([0.1, 1.0, 1.0, 0.5, 0.0])
+
 # ----------------------------------------------------------------------------- the committed model
 
 

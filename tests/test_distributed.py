@@ -94,6 +94,7 @@ def test_two_processes_give_the_same_files_and_pixels(job, reference):
     assert all(f"Seed: {5 + k}," in s for k, s in enumerate(seeds))
 
 
+@pytest.mark.slow
 def test_job_refuses_to_overwrite_without_resume(job, reference, tmp_path):
     d, args = job
     out = tmp_path / "again"
@@ -165,6 +166,7 @@ def fail_rank1_script(folder):
     return wrapper
 
 
+@pytest.mark.slow
 def test_failing_rank_fails_the_job_quickly(job, tmp_path):
     d, args = job
     wrapper = fail_rank1_script(tmp_path)

@@ -47,6 +47,7 @@ def test_second_pass_runs_at_scale_times_the_size(pipe, upscaler):
     assert pipe.steps_per_run(opts) == 10
 
 
+@pytest.mark.slow
 def test_strength_zero_is_the_upscaled_first_pass(pipe):
     opts = Options(steps=5, H=64, W=64)
     item = WorkItem(0, "a square", "", seed=9)

@@ -310,6 +310,7 @@ def test_kohya_parity_with_diffusers_fuse_lora(tiny):
     _compare_with_diffusers(model, base, pipe)
 
 
+@pytest.mark.slow
 def test_peft_parity_with_diffusers_fuse_lora(tiny):
     _, base = tiny
     model = copy.deepcopy(base)

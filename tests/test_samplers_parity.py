@@ -22,6 +22,7 @@ from diffusers import (
 )
 from torch import nn
 
+from helpers import fast_first
 from ldm.samplers import sample, schedule
 from ldm.samplers.guidance import cfg_denoiser
 
@@ -165,7 +166,7 @@ def check(ours, theirs):
     assert err < TOL, err
 
 
-@pytest.mark.parametrize("steps", [7, 10, 20])
+@pytest.mark.parametrize("steps", fast_first(10, 7, 20))
 def test_ddim_matches_diffusers(problem, steps):
     scheduler = DDIMScheduler(**ORIGINAL, clip_sample=False, timestep_spacing="leading",
                               prediction_type=problem.prediction_type)
@@ -175,7 +176,7 @@ def test_ddim_matches_diffusers(problem, steps):
     check(problem.sample("ddim", None, None, scheduler.alphas_cumprod, steps), theirs)
 
 
-@pytest.mark.parametrize("steps", [10, 20])
+@pytest.mark.parametrize("steps", fast_first(10, 20))
 def test_ddim_eta_matches_diffusers_with_same_generator(problem, steps):
     model_fn32 = lambda x, t: problem.model_fn(x.double(), t.double()).float()  # noqa: E731
     scheduler = DDIMScheduler(**ORIGINAL, clip_sample=False, timestep_spacing="leading",
@@ -202,7 +203,7 @@ def eps_of(problem, alphas_cumprod):
     return eps_fn
 
 
-@pytest.mark.parametrize("steps", [2, 3, 7, 10, 20])
+@pytest.mark.parametrize("steps", fast_first(2, 3, 10, 7, 20, fast=3))
 def test_plms_matches_diffusers_pndm(problem, steps):
     """PNDM driven by the eps each evaluation implies. (diffusers' PNDM with prediction_type="v_prediction"
     instead combines the raw v outputs of several steps and converts the combination at the current x_t,
@@ -213,7 +214,7 @@ def test_plms_matches_diffusers_pndm(problem, steps):
     check(problem.sample("plms", None, None, scheduler.alphas_cumprod, steps), theirs)
 
 
-@pytest.mark.parametrize("steps", [9, 27])  # 999 / steps integral: the original's uniform times are integers
+@pytest.mark.parametrize("steps", fast_first(9, 27))  # 999 / steps integral: the original's uniform times are integers
 def test_dpm_solver_matches_diffusers(problem, steps):
     # The original stops at t = 0 (sigma_min), and lowers the order of the last step only below 15 steps.
     scheduler = DPMSolverMultistepScheduler(**SV1, algorithm_type="dpmsolver++", solver_order=2,
@@ -229,7 +230,7 @@ K_SCHEDULERS = {"lms": LMSDiscreteScheduler, "euler": EulerDiscreteScheduler, "h
 
 @pytest.mark.parametrize("karras", [False, True], ids=["linspace", "karras"])
 @pytest.mark.parametrize("name", sorted(K_SCHEDULERS))
-@pytest.mark.parametrize("steps", [10, 20])
+@pytest.mark.parametrize("steps", fast_first(10, 20))
 def test_k_samplers_match_diffusers(problem, name, karras, steps):
     scheduler = K_SCHEDULERS[name](**SV1, timestep_spacing="linspace", use_karras_sigmas=karras,
                                    prediction_type=problem.prediction_type)
@@ -288,7 +289,7 @@ def test_dpmpp_2m_matches_diffusers(problem, karras):
 
 
 @pytest.mark.parametrize("karras", [False, True], ids=["linspace", "karras"])
-@pytest.mark.parametrize("steps", [10, 20])
+@pytest.mark.parametrize("steps", fast_first(10, 20))
 def test_euler_ancestral_matches_diffusers_with_same_generator(problem, karras, steps):
     model_fn32 = lambda x, t: problem.model_fn(x.double(), t.double()).float()  # noqa: E731
     scheduler = EulerAncestralDiscreteScheduler(**SV1, timestep_spacing="linspace",

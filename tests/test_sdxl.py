@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
 
-from helpers import diffusers_layout, randomize_, rel_err
+from helpers import diffusers_layout, fast_first, randomize_, rel_err
 from ldm import detect
 from ldm.checkpoint import build_model, load_model
 from ldm.config import load_config
@@ -412,7 +412,7 @@ def run_cli(args):
     return code, out.getvalue(), err.getvalue()
 
 
-@pytest.mark.parametrize("which", ["base", "refiner"])
+@pytest.mark.parametrize("which", fast_first("base", "refiner"))
 def test_cli_writes_images_from_a_float16_sdxl_file(which, tmp_path, monkeypatch):
     """End to end on a random-weight tiny SDXL file written by the bench script (float16, the original layout,
     as the released files), size flags set; --from_png then restores them."""
@@ -453,7 +453,7 @@ def test_cli_refuses_bad_size_flags_in_one_line(tmp_path):
 # ----------------------------------------------------------------------------- --vae and the refiner
 
 
-@pytest.mark.parametrize("layout", ["bare", "prefixed"])
+@pytest.mark.parametrize("layout", fast_first("bare", "prefixed"))
 def test_vae_file_replaces_the_autoencoder(layout, tiny_files, tmp_path):
     """A standalone VAE (bare keys, or a whole-model file's first_stage_model.*) replaces the checkpoint's,
     stored in float16, loaded in the model's float32; SD v1 takes one the same way."""

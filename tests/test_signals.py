@@ -103,6 +103,7 @@ def test_sigterm_keeps_what_was_written_and_writes_the_grid(tiny, tmp_path):
     assert f"interrupted: {len(saved)} image(s) saved" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_second_signal_during_the_grid_ends_the_run_at_once(tiny, tmp_path):
     """SIGTERM, then SIGINT while the grid is being made (made slow here): the process ends by the second
     signal without waiting, and every image written before stays whole under its final name."""
