@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import V1_CONFIG, randomize_, rel_err, tiny_config
+from helpers import V1_CONFIG, randomize_, rel_err, resident_pages, tiny_config
 from ldm import backends
 from ldm.backends import BackendOptions, deoptimize, fans_out, optimize, refresh
 from ldm.backends import kernels
@@ -306,18 +306,6 @@ def test_full_v1_unet_optimized_equals_reference():
             assert rel_err(eps, want) < TOL, lever
 
 
-def _resident_pages(t):
-    import mmap
-
-    page = mmap.PAGESIZE
-    start = -(-t.data_ptr() // page) * page
-    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(start // page * 8)
-        entries = torch.frombuffer(bytearray(f.read(8 * ((end - start) // page))), dtype=torch.int64)
-    return int((entries < 0).sum()), len(entries)
-
-
 @needs_onednn
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux page maps")
 def test_packing_releases_the_file_pages_of_a_loaded_model(tmp_path):
@@ -330,9 +318,9 @@ def test_packing_releases_the_file_pages_of_a_loaded_model(tmp_path):
     model = load_model(config, ckpt)
     conv = model.model.diffusion_model.output_blocks[0][0].in_layers[2]  # 128 -> 64 channels, 3x3: 72 pages
     want = conv.weight.clone()
-    assert _resident_pages(conv.weight)[0] > 0
+    assert resident_pages(conv.weight)[0] > 0
     optimize(model)
-    resident, pages = _resident_pages(conv.weight)
+    resident, pages = resident_pages(conv.weight)
     assert conv.file_mapping and pages >= 4 and resident == 0
     assert torch.equal(conv.weight, want)
     big = model.model.diffusion_model.input_blocks[0][0]  # 64x64 map: over pack_max_positions, packed all the same

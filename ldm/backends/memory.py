@@ -1,5 +1,9 @@
 """Memory policy of the CPU backend: let go of the file pages under a weight once a packed copy replaces it
-(`release_file_pages`), and hand the C heap's freed memory back to the system between phases (`trim_heap`)."""
+(`release_file_pages`), or under a whole module's weights while a phase of the run does not use it
+(`release_module_pages`: the text encoder once the prompts are encoded, the UNet before the decode), and
+hand the C heap's freed memory back to the system between phases (`trim_heap`)."""
+
+import itertools
 
 import ctypes
 import mmap
@@ -86,6 +90,15 @@ def release_file_pages(tensors, mappings=None):
     return sum(_release(t, mappings) for t in tensors)
 
 
+def release_module_pages(module, mappings=None):
+    """`release_file_pages` for every parameter and buffer of `module`: for a phase of the run that does not
+    use it (the UNet is not read while decoding, the text encoder not while sampling). The tensors stay as
+    they are; a later call reads its pages back from the page cache (minor faults). Returns how many
+    tensors had pages released (0 for weights in memory of their own: converted, on a GPU, written to)."""
+    tensors = {t.data_ptr(): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return release_file_pages(list(tensors.values()), mappings)
+
+
 def containing_mapping(t, mappings):
     """[(start, end)] of the mapping in `mappings` that holds tensor t's data, or []."""
     begin = t.data_ptr()
@@ -102,12 +115,13 @@ def _release(t, mappings):
         return False
     try:
         n = (end - start) // page
-        with open("/proc/self/pagemap", "rb") as f:  # 64 bits per page: 63 present, 61 file page
+        with open("/proc/self/pagemap", "rb") as f:  # 64 bits per page: 63 present, 62 swapped, 61 file page
             f.seek(start // page * 8)
             entries = torch.frombuffer(bytearray(f.read(8 * n)), dtype=torch.int64)
         present = entries < 0
+        swapped = (entries >> 62) & 1 == 1
         file_page = (entries >> 61) & 1 == 1
-        if len(entries) != n or bool((present & ~file_page).any()):  # a page written to since it was mapped
+        if len(entries) != n or bool((present & ~file_page).any() or swapped.any()):  # a page written to since mapped
             return False
         return _c_library().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) == 0
     except (OSError, ValueError, AttributeError):
