@@ -1,7 +1,7 @@
 """Where a whole image's peak RSS happens: one image through `Txt2Img` (as `bench/peers.py image --tool ours`
 runs it: v1 checkpoint, DDIM, guidance 7.5), /proc/self/status sampled every 0.2 s by a thread.
 
-    flock /work/wt/heavy.lock python bench/rss_trace.py --ckpt /work/bench-data/sd-v1-random.ckpt --steps 2
+    flock /work/wt/heavy.lock python bench/rss_trace.py --ckpt /work/bench-data/sd-v1-random.ckpt --steps 2 [--keep text,unet]
 
 Prints, per phase (import, load, encode, sampling, decode), the highest VmRSS seen and its RssAnon /
 RssFile split, then the process's high-water mark (VmHWM, what `ru_maxrss` and bench/peers.py report).
@@ -9,6 +9,7 @@ Not a test: the sampling misses peaks shorter than its period (VmHWM does not).
 """
 
 import argparse
+import logging
 import os
 import sys
 import threading
@@ -48,6 +49,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--period", type=float, default=0.2)
     ap.add_argument("--timeline", action="store_true", help="also print every sample")
+    ap.add_argument("--keep", default="", help="comma-separated: text, unet: leave that module's pages resident "
+                                               "(the pipeline's release of them turned off, for an A/B)")
     args = ap.parse_args()
     stop = threading.Event()
     thread = threading.Thread(target=sampler, args=(stop, args.period), daemon=True)
@@ -55,8 +58,14 @@ def main():
 
     import torch
 
+    import ldm.pipeline
     from ldm.pipeline import Txt2Img
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    keep = {"text": "the text encoder", "unet": "the UNet"}
+    kept = {keep[k] for k in args.keep.split(",") if k}
+    release = ldm.pipeline._release_idle
+    ldm.pipeline._release_idle = lambda module, what: None if what in kept else release(module, what)
     torch.set_num_threads(args.threads)
     PHASE[0] = "load"
     pipe = Txt2Img.from_files(args.config, args.ckpt, device="cpu", precision=args.precision, hash_model=False)
