@@ -78,6 +78,8 @@ def resident_pages(t):
     page = mmap.PAGESIZE
     start = -(-t.data_ptr() // page) * page
     end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end <= start:
+        return 0, 0
     with open("/proc/self/pagemap", "rb") as f:
         f.seek(start // page * 8)
         entries = torch.frombuffer(bytearray(f.read(8 * ((end - start) // page))), dtype=torch.int64)
