@@ -1,7 +1,8 @@
 """Where a whole image's peak RSS happens: one image through `Txt2Img` (as `bench/peers.py image --tool ours`
 runs it: v1 checkpoint, DDIM, guidance 7.5), /proc/self/status sampled every 0.2 s by a thread.
 
-    flock /work/wt/heavy.lock python bench/rss_trace.py --ckpt /work/bench-data/sd-v1-random.ckpt --steps 2 [--keep text,unet]
+    python bench/rss_trace.py --ckpt /work/bench-data/sd-v1-random.ckpt --steps 2 [--keep text,unet]
+    python bench/rss_trace.py --precision bf16 --timeline     # every sample too
 
 Prints, per phase (import, load, encode, sampling, decode), the highest VmRSS seen and its RssAnon /
 RssFile split, then the process's high-water mark (VmHWM, what `ru_maxrss` and bench/peers.py report).

@@ -583,9 +583,10 @@ def _short(text: str, n: int = 40) -> str:
 
 
 def _release_idle(module, what):
-    """Let go of the resident pages of the weights of `module` that are views of the mapped checkpoint, for a
-    phase of the run that does not read them (ldm.backends.memory.release_module_pages); they come back from
-    the page cache when it next runs. Weights in memory of their own (converted, on a GPU) are left alone."""
+    """Let go of the resident pages of the weights of `module` that are views of a mapped file (the checkpoint,
+    or the scratch file of weights narrowed at load), for a phase of the run that does not read them
+    (ldm.backends.memory.release_module_pages); they come back from the page cache when it next runs.
+    Weights in memory of their own (on a GPU, converted into memory, written to) are left alone."""
     from .backends.memory import release_module_pages, resident_bytes
 
     before, t0 = resident_bytes(), time.perf_counter()

@@ -3,9 +3,8 @@
 (`release_module_pages`: the text encoder once the prompts are encoded, the UNet before the decode), and
 hand the C heap's freed memory back to the system between phases (`trim_heap`)."""
 
-import itertools
-
 import ctypes
+import itertools
 import mmap
 import os
 import sys
