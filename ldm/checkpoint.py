@@ -395,10 +395,28 @@ def _no_init():
             setattr(torch.nn.init, n, fn)
 
 
-def load_model(config, ckpt, device="cpu", dtype=torch.float32, use_ema=False):
+def _converted_on_disk(weights, dtype, device):
+    """{key: converted tensor} of the CPU weights that load narrowed to `dtype` (bfloat16 from a float32 file),
+    in a scratch file on disk (`ldm.backends.memory.converted_on_disk`); {} where there is nothing to narrow
+    or no such file can be had (they convert into memory then)."""
+    if torch.device(device).type != "cpu":
+        return {}
+    keys = [k for k, v in weights.items() if v.device.type == "cpu" and v.is_floating_point()
+            and dtype.itemsize < v.element_size()]
+    from .backends.memory import converted_on_disk
+
+    converted = converted_on_disk([weights[k] for k in keys], dtype) if keys else None
+    return dict(zip(keys, converted)) if converted is not None else {}
+
+
+def load_model(config, ckpt, device="cpu", dtype=torch.float32, use_ema=False, file_backed=True):
     """Build the model of `config` and fill it from the checkpoint file `ckpt`, ready to sample.
 
-    Weights already in `dtype` on the CPU are used in place from the memory-mapped file.
+    Weights already in `dtype` on the CPU are used in place from the memory-mapped file. With
+    `file_backed`, weights narrowed to `dtype` on the CPU (bfloat16 from a float32 file) are written to a
+    scratch file on disk and used from its mapping, so that their pages, like the checkpoint's, can leave
+    the resident set once packed copies replace them (ldm.backends); without it (or where no such file can
+    be had: a temporary directory in memory, a full disk) they are converted into memory.
     """
     device = torch.device(device)
     model = build_model(config, "meta")
@@ -425,9 +443,10 @@ def load_model(config, ckpt, device="cpu", dtype=torch.float32, use_ema=False):
     from .backends.memory import private_file_mappings, release_file_pages
 
     mappings = None
+    on_disk = _converted_on_disk(weights, dtype, device) if file_backed else {}
     for key, value in weights.items():
         if value.is_floating_point() and value.dtype != dtype:
-            source, value = value, value.to(dtype)
+            source, value = value, on_disk[key] if key in on_disk else value.to(dtype)
             if source.device.type == "cpu":  # a float16 file loaded in float32: its pages are not read again
                 mappings = private_file_mappings() if mappings is None else mappings
                 release_file_pages(source, mappings)

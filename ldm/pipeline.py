@@ -251,6 +251,7 @@ class Txt2Img:
         self.nsfw = nsfw
         self._chunks = _LRU(self.PROMPT_CACHE)  # (text, emphasis) -> PromptChunks
         self._embeddings = _LRU(self.PROMPT_CACHE)  # (text, emphasis, n_chunks) -> (1, 77 * n_chunks, D)
+        self._text_encoded = False  # a prompt was encoded since the text encoder's pages were last let go
         self.detection = None  # what ldm.detect chose, when the config was not given (see from_files)
         # (Txt2Img, switch): a second model denoising from the fraction `switch` of the schedule on
         # (SDXL's ensemble of experts), or None
@@ -354,7 +355,13 @@ class Txt2Img:
 
         # the merged LoRA set changes the text encoder: a different set encodes again
         key = (text, emphasis, chunks.n_chunks, clip_skip, self.extras.state)
+        if key not in self._embeddings:
+            self._text_encoded = True  # its pages are let go once the run's prompts are encoded (guided_denoiser)
         return self._embeddings.get_or_make(key, encode)
+
+    def text_encoder(self):
+        """The module that encodes prompts: SDXL's conditioner (both text encoders), else the CLIP text model."""
+        return self.model.conditioner if xl.is_sdxl(self.model) else self.model.cond_stage_model
 
     def conditioning(self, prompt: str, negative_prompt: str = "", emphasis: bool = True, clip_skip: int = 1):
         """(cond, uncond), each (1, 77 * n_chunks, D): the two prompts encoded in the same number
@@ -390,6 +397,9 @@ class Txt2Img:
         """The classifier-free guided noise prediction for these items, sampled together."""
         conds, unconds = zip(*(self.conditioning(item.prompt, item.negative_prompt, opts.emphasis, opts.clip_skip)
                                for item in items))
+        if self._text_encoded:  # not used again while sampling: off the resident set (a new prompt reads it back)
+            self._text_encoded = False
+            _release_idle(self.text_encoder(), "the text encoder")
         if xl.is_sdxl(self.model):
             return self._guided_xl(items, conds, unconds, opts)
         return cfg_denoiser(self._eps_model, torch.cat(conds), torch.cat(unconds), opts.scale,
@@ -450,6 +460,8 @@ class Txt2Img:
                 for j, pos in enumerate(run):
                     latents[pos] = z[j]
             _release_freed_heap("sampling")  # the decode's activations need room, not the sampler's freed holes
+            for pipe in (self, *(self.refiner[:1] if self.refiner else ())):  # the UNets are not read while decoding
+                _release_idle(pipe.model.model, "the UNet" if pipe is self else "the refiner's UNet")
             pictures = self.decode(torch.stack(latents)) if opts.batched else [self.decode(z[None])[0] for z in latents]
             strips = [self._strip(steps) if steps else None for steps in kept]
         flags = self.safety_flags(pictures)
@@ -568,6 +580,19 @@ def _intermediate_steps(steps: int) -> set[int]:
 
 def _short(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _release_idle(module, what):
+    """Let go of the resident pages of the weights of `module` that are views of a mapped file (the checkpoint,
+    or the scratch file of weights narrowed at load), for a phase of the run that does not read them
+    (ldm.backends.memory.release_module_pages); they come back from the page cache when it next runs.
+    Weights in memory of their own (on a GPU, converted into memory, written to) are left alone."""
+    from .backends.memory import release_module_pages, resident_bytes
+
+    before, t0 = resident_bytes(), time.perf_counter()
+    if release_module_pages(module):
+        log.info("let go of %.2f GB of resident checkpoint pages under %s (%.0f ms)",
+                 (before - resident_bytes()) / 1e9, what, (time.perf_counter() - t0) * 1e3)
 
 
 def _release_freed_heap(phase):

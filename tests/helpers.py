@@ -80,6 +80,21 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def resident_pages(t):
+    """(resident, all) whole pages under tensor t's data, from /proc/self/pagemap (Linux)."""
+    import mmap
+
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end <= start:
+        return 0, 0
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(start // page * 8)
+        entries = torch.frombuffer(bytearray(f.read(8 * ((end - start) // page))), dtype=torch.int64)
+    return int((entries < 0).sum()), len(entries)
+
+
 def save_checkpoint(model, path):
     """Save a model's state dict in the original layout (.safetensors or .ckpt)."""
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}

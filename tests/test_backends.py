@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import V1_CONFIG, fast_first, randomize_, rel_err, tiny_config
+from helpers import V1_CONFIG, fast_first, randomize_, rel_err, resident_pages, tiny_config
 from ldm import backends
 from ldm.backends import BackendOptions, deoptimize, fans_out, optimize, refresh
 from ldm.backends import kernels
@@ -306,18 +306,6 @@ def test_full_v1_unet_optimized_equals_reference():
             assert rel_err(eps, want) < TOL, lever
 
 
-def _resident_pages(t):
-    import mmap
-
-    page = mmap.PAGESIZE
-    start = -(-t.data_ptr() // page) * page
-    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(start // page * 8)
-        entries = torch.frombuffer(bytearray(f.read(8 * ((end - start) // page))), dtype=torch.int64)
-    return int((entries < 0).sum()), len(entries)
-
-
 @needs_onednn
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux page maps")
 def test_packing_releases_the_file_pages_of_a_loaded_model(tmp_path):
@@ -330,9 +318,9 @@ def test_packing_releases_the_file_pages_of_a_loaded_model(tmp_path):
     model = load_model(config, ckpt)
     conv = model.model.diffusion_model.output_blocks[0][0].in_layers[2]  # 128 -> 64 channels, 3x3: 72 pages
     want = conv.weight.clone()
-    assert _resident_pages(conv.weight)[0] > 0
+    assert resident_pages(conv.weight)[0] > 0
     optimize(model)
-    resident, pages = _resident_pages(conv.weight)
+    resident, pages = resident_pages(conv.weight)
     assert conv.file_mapping and pages >= 4 and resident == 0
     assert torch.equal(conv.weight, want)
     big = model.model.diffusion_model.input_blocks[0][0]  # 64x64 map: over pack_max_positions, packed all the same
@@ -387,6 +375,40 @@ def test_bf16_model_takes_the_onednn_path_and_stays_near_float32():
         assert rel_err(eps, want) < BF16_TOL
         assert rel_err(eps, want) < 2 * err_ref16 + 1e-3
     assert rel_err(got[0], got[1]) == 0  # the same bits at every call
+
+
+@needs_bf16
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux page maps")
+def test_bf16_weights_narrowed_at_load_leave_the_resident_set_once_packed(tmp_path):
+    """bfloat16 from a float32 file (--precision bf16): the narrowed weights are views of a scratch file on
+    disk, not memory of their own, so once packed (convolutions and Linear layers alike) their pages leave
+    the resident set as the float32 file's do. Their values are the file's rounded to bfloat16, and the
+    model computes the same bits as one converted into memory."""
+    from helpers import write_tiny_model
+    from ldm.backends.memory import containing_mapping, private_file_mappings
+    from ldm.checkpoint import load_model, read_state_dict
+
+    config, ckpt = write_tiny_model(tmp_path)
+    model = load_model(config, ckpt, dtype=torch.bfloat16)
+    kept = load_model(config, ckpt, dtype=torch.bfloat16, file_backed=False)
+    name = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight"  # 256 x 32: 4 pages
+    conv_name = "model.diffusion_model.output_blocks.0.0.in_layers.2.weight"  # 64 x 128 x 3 x 3: 36 pages
+    sd, file = model.state_dict(), read_state_dict(ckpt)
+    mappings = private_file_mappings()
+    assert containing_mapping(sd[name], mappings) and not containing_mapping(kept.state_dict()[name], mappings)
+    x, t, c, z, _ = _inputs()
+    x, c, z = x.bfloat16(), c.bfloat16(), z.bfloat16()
+    with torch.no_grad():
+        for m in (model, kept):
+            optimize(m)
+        for key in (name, conv_name):
+            resident, pages = resident_pages(sd[key])
+            assert pages >= 4 and resident == 0, key
+            assert torch.equal(sd[key], file[key].to(torch.bfloat16)) and torch.equal(sd[key], kept.state_dict()[key])
+        resident, pages = resident_pages(kept.state_dict()[conv_name])
+        assert resident == pages >= 30  # memory of its own stays
+        assert torch.equal(model.apply_model(x, t, c), kept.apply_model(x, t, c))
+        assert torch.equal(model.decode_first_stage(z), kept.decode_first_stage(z))
 
 
 def test_bf16_without_cpu_support_takes_the_reference_path(monkeypatch):

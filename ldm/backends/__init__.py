@@ -136,16 +136,18 @@ def _pack(model, hints):
         packed.append(weight)
     release_file_pages(packed, mappings)  # the plain copies are not read again: no need to keep them resident
     if hints is None or hints:
-        _pack_bf16_linears(model)
+        _pack_bf16_linears(model, mappings)
     return len(packed)
 
 
-def _pack_bf16_linears(model):
-    """Pack the bfloat16 Linear weights for oneDNN now (float32 ones are used as they are)."""
+def _pack_bf16_linears(model, mappings):
+    """Pack the bfloat16 Linear weights for oneDNN now (float32 ones are used as they are), and let go of the
+    pages of the plain weights that are views of a file (the loader's scratch file of converted weights)."""
     halved = {id(m.proj) for m in model.modules() if isinstance(m, FastGEGLU) and m.backend.epilogues}
     for m in model.modules():
         if (isinstance(m, OneDNNLinear) and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"
                 and kernels.fast_dtype(m.weight.dtype)):
+            m.file_mapping = containing_mapping(m.weight, mappings)  # bf16_weight lets its pages go once packed
             with torch.no_grad():
                 m.bf16_weight(2 if id(m) in halved else 1)
 

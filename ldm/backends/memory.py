@@ -1,9 +1,14 @@
 """Memory policy of the CPU backend: let go of the file pages under a weight once a packed copy replaces it
-(`release_file_pages`), and hand the C heap's freed memory back to the system between phases (`trim_heap`)."""
+(`release_file_pages`), or under a whole module's weights while a phase of the run does not use it
+(`release_module_pages`: the text encoder once the prompts are encoded, the UNet before the decode), and
+hand the C heap's freed memory back to the system between phases (`trim_heap`)."""
 
 import ctypes
+import itertools
 import mmap
+import os
 import sys
+import tempfile
 
 import torch
 
@@ -49,8 +54,72 @@ def trim_heap():
     return max(0, before - resident_bytes())
 
 
+_MEMORY_FILESYSTEMS = ("tmpfs", "ramfs", "hugetlbfs")
+
+
+def _in_memory_filesystem(path):
+    """True when `path` lies on a filesystem kept in memory (tmpfs...), or where that cannot be told."""
+    best, kind = "", None
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 3:
+                    mount = fields[1].replace("\\040", " ")
+                    if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+                        best, kind = mount, fields[2]
+    except OSError:
+        return True
+    return kind is None or kind in _MEMORY_FILESYSTEMS
+
+
+def converted_on_disk(sources, dtype, directory=None):
+    """[tensor] of `sources` converted to `dtype`, viewed in a private mapping of a deleted temporary file on
+    disk, each on pages of its own; None where that cannot be had (not Linux, the temporary directory in
+    memory (tmpfs), no room on its disk): convert into memory then.
+
+    For weights narrowed at load (`--precision bf16` from a float32 file): their pages are then pages of
+    a file, as the mapped checkpoint's are, which `release_file_pages` can let go once a packed copy
+    replaces them, instead of anonymous memory that must stay resident. Each tensor is converted in memory
+    and written with `pwrite`, one at a time (the pages of a source viewed in a mapped file let go once
+    written); the file goes with the process. Costs its size in disk space and writes, once per load.
+    """
+    if not sys.platform.startswith("linux") or not sources:
+        return None
+    directory = os.path.realpath(directory or tempfile.gettempdir())
+    if _in_memory_filesystem(directory):
+        return None
+    page = mmap.PAGESIZE
+    sizes = [-(-t.numel() * dtype.itemsize // page) * page for t in sources]
+    total = sum(sizes)
+    if not total:
+        return None
+    mappings = private_file_mappings()
+    try:
+        with tempfile.TemporaryFile(dir=directory) as f:  # unlinked: nothing left behind
+            offset = 0
+            for t, size in zip(sources, sizes):
+                data = memoryview(t.to(dtype).contiguous().view(torch.uint8).numpy())
+                done = 0
+                while done < len(data):
+                    done += os.pwrite(f.fileno(), data[done:], offset + done)
+                offset += size
+                release_file_pages(t, mappings)  # a mapped source is not read again
+            os.ftruncate(f.fileno(), total)  # the last tensor's page whole
+            buf = mmap.mmap(f.fileno(), total, access=mmap.ACCESS_COPY)  # the mapping keeps the file open
+    except (OSError, ValueError):
+        return None
+    flat = torch.frombuffer(buf, dtype=torch.uint8)
+    out, offset = [], 0
+    for t, size in zip(sources, sizes):
+        out.append(flat[offset:offset + t.numel() * dtype.itemsize].view(dtype).view(t.shape))
+        offset += size
+    return out
+
+
 def private_file_mappings():
-    """[(start, end)] of this process's private (copy-on-write) mappings of files, such as a memory-mapped checkpoint."""
+    """[(start, end)] of this process's private (copy-on-write) mappings of files, such as a memory-mapped
+    checkpoint (or the converted weights of `converted_on_disk`)."""
     spans = []
     try:
         with open("/proc/self/maps") as f:
@@ -86,6 +155,15 @@ def release_file_pages(tensors, mappings=None):
     return sum(_release(t, mappings) for t in tensors)
 
 
+def release_module_pages(module, mappings=None):
+    """`release_file_pages` for every parameter and buffer of `module`: for a phase of the run that does not
+    use it (the UNet is not read while decoding, the text encoder not while sampling). The tensors stay as
+    they are; a later call reads its pages back from the page cache (minor faults). Returns how many
+    tensors had pages released (0 for weights in memory of their own: converted, on a GPU, written to)."""
+    tensors = {t.data_ptr(): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return release_file_pages(list(tensors.values()), mappings)
+
+
 def containing_mapping(t, mappings):
     """[(start, end)] of the mapping in `mappings` that holds tensor t's data, or []."""
     begin = t.data_ptr()
@@ -102,12 +180,13 @@ def _release(t, mappings):
         return False
     try:
         n = (end - start) // page
-        with open("/proc/self/pagemap", "rb") as f:  # 64 bits per page: 63 present, 61 file page
+        with open("/proc/self/pagemap", "rb") as f:  # 64 bits per page: 63 present, 62 swapped, 61 file page
             f.seek(start // page * 8)
             entries = torch.frombuffer(bytearray(f.read(8 * n)), dtype=torch.int64)
         present = entries < 0
+        swapped = (entries >> 62) & 1 == 1
         file_page = (entries >> 61) & 1 == 1
-        if len(entries) != n or bool((present & ~file_page).any()):  # a page written to since it was mapped
+        if len(entries) != n or bool((present & ~file_page).any() or swapped.any()):  # a page written to since mapped
             return False
         return _c_library().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) == 0
     except (OSError, ValueError, AttributeError):

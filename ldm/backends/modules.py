@@ -68,6 +68,8 @@ class OneDNNLinear(Derived, nn.Linear):
         if kept is None or kept[0] != key:
             self.__dict__.pop("_bf16", None)
             self._bf16 = (key, [kernels.pack_linear_weight(w) for w in self.weight.chunk(parts)])
+            if self.file_mapping:  # the plain copy is not read again: no need to keep it resident
+                release_file_pages(self.weight, self.file_mapping)
         return self._bf16[1]
 
     def forward(self, x, residual=None):
