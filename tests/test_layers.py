@@ -1,5 +1,7 @@
 """The CPU inference kernels of `ldm.backends` (kernels and the fused modules) against plain PyTorch in float64."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -211,6 +213,50 @@ def test_fused_attention_falls_back_when_the_fuser_fails(monkeypatch, caplog):
     assert rel_err(out, _softmax_attention(q, k, v)) < 1e-5 and torch.equal(out, again)
     assert [r.message for r in caplog.records if "fused attention" in r.message] == [
         "fused attention unavailable (no oneDNN Graph here); using the unfused kernels"]
+
+
+def test_fused_attention_in_blocks_matches_softmax_formula():
+    """Beyond 1024 keys, the fused kernel on blocks of queries: 64 a block here (three full, one of 8: two
+    graphs), laid out as [B, N, h, d] like the matmul blocks, the same bits at every call."""
+    fused = kernels.FusedAttention()
+    q, k, v = _qkv(1100)
+    with torch.no_grad():
+        outs = [fused.in_blocks(q, k, v, block_scores=64 * 2 * 3 * 1100 * 4) for _ in range(3)]
+    assert outs[0].shape == (2, 3, 200, 40) and outs[0].transpose(1, 2).is_contiguous()
+    assert rel_err(outs[0], _softmax_attention(q, k, v)) < 1e-5
+    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
+    assert sorted(key[0][0][2] for key in fused.graphs) == [8, 64]  # query rows of each traced signature
+
+
+@pytest.mark.parametrize("fused_blocks", [True, False])
+def test_long_attention_takes_the_fused_blocks_with_the_lever(monkeypatch, fused_blocks):
+    monkeypatch.setattr(kernels, "avx512", lambda: True)
+    fused = kernels.FusedAttention()
+    q, k, v = _qkv(1100, queries=40, heads=2)
+    with torch.no_grad():
+        out = kernels.attention(q, k, v, fused, fused_blocks=fused_blocks)
+    assert bool(fused.graphs) == fused_blocks
+    assert out.shape == (2, 2, 40, 40)
+    assert rel_err(out, _softmax_attention(q, k, v)) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lever", [True, False])
+def test_v1_self_attention_at_4096_tokens_equals_the_reference(monkeypatch, lever):
+    """A self-attention of v1's top level at 512x512 (4096 tokens, 320 channels, 8 heads of 40, both halves
+    of the guided batch), optimized with `fused_attention_blocks` on and off, against the reference module."""
+    monkeypatch.setattr(kernels, "avx512", lambda: True)  # the blocked paths, not SDPA, on any CPU
+    torch.manual_seed(0)
+    ref = CrossAttention(320, heads=8, dim_head=40).eval().requires_grad_(False)
+    attn = optimize(copy.deepcopy(ref), BackendOptions(fused_attention_blocks=lever))
+    x = torch.randn(2, 4096, 320)
+    with torch.no_grad():
+        want = ref(x)
+        outs = [attn(x) for _ in range(2)]
+    assert bool(attn.fused.graphs) == lever
+    for out in outs:
+        assert rel_err(out, want) < 1e-5
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_linear_and_conv_add_the_residual_in_their_epilogue():

@@ -15,9 +15,10 @@ computes it on this CPU (`bf16_available`: AVX512-BF16 or AMX), products accumul
   than oneDNN's direct convolution there.
 - A nearest 2x upsampling followed by a 3x3 convolution is four 2x2 convolutions on the small map,
   one per output phase (`phase_weights`): 4/9 of the FLOPs, and no upsampled copy.
-- Attention runs as oneDNN Graph's fused kernel up to 1024 keys (`FusedAttention`), and as
-  blocks of queries beyond (`attention`) where the kernels run AVX-512; without it (an AVX2
-  machine, or oneDNN capped to AVX2) SDPA's flash kernel takes those, faster there (`avx512`).
+- Attention runs as oneDNN Graph's fused kernel up to 1024 keys (`FusedAttention`), and beyond
+  where the kernels run AVX-512 as the same kernel on blocks of queries (`FusedAttention.in_blocks`)
+  or as blocked matmuls (`attention`); without AVX-512 (an AVX2 machine, or oneDNN capped to AVX2)
+  SDPA's flash kernel takes those, faster there (`avx512`).
 
 Every function here is pure: what it keeps (traced graphs) lives in objects the caller owns.
 """
@@ -240,6 +241,7 @@ ATTN_MIN_KEYS = 256  # below this (and where the fused kernel does not apply) SD
 ATTN_BLOCK_BYTES = 4 << 20  # scores computed a block of queries at a time: linear memory in the sequence length
 FUSED_MAX_KEYS = 1024  # above, the blocked matmuls measured faster (2048 keys: 55 against 66 ms)
 FUSED_MAX_SCORES = 256 << 20  # bytes of scores: a graph's first, unfused runs hold them all at once
+FUSED_BLOCK_SCORES = 64 << 20  # beyond FUSED_MAX_KEYS, scores per fused call of a block of queries (`in_blocks`)
 
 
 class FusedAttention:
@@ -297,6 +299,22 @@ class FusedAttention:
         finally:
             torch._C._jit_set_llga_enabled(before)
 
+    def in_blocks(self, q, k, v, block_scores=FUSED_BLOCK_SCORES):
+        """The same attention over any number of keys, the fused kernel taking a block of queries at a time
+        (each block's scores at most `block_scores` bytes in its first, unfused run); laid out as
+        [B, N, h, d] like `attention`'s blocks. None when this torch cannot."""
+        B, h, N, d = q.shape
+        rows = max(16, block_scores // (B * h * k.shape[2] * q.element_size()))
+        if rows >= N:
+            return self(q, k, v)
+        out = q.new_empty(B, N, h, d).transpose(1, 2)  # (B, h, N, d) view of a (B, N, h, d) buffer
+        for i in range(0, N, rows):
+            part = self(q[:, :, i:i + rows], k, v)  # one signature for every full block (a view's strides)
+            if part is None:
+                return None
+            out[:, :, i:i + rows] = part
+        return out
+
 
 def _scaled_dot_product(scale):
     def sdp(q, k, v):  # the pattern oneDNN Graph fuses: MatMul, Multiply by a scalar, SoftMax, MatMul
@@ -305,16 +323,22 @@ def _scaled_dot_product(scale):
     return sdp
 
 
-def attention(q, k, v, fused=None, blocked=True, block_bytes=ATTN_BLOCK_BYTES, sdpa_without_avx512=False):
+def attention(q, k, v, fused=None, blocked=True, block_bytes=ATTN_BLOCK_BYTES, sdpa_without_avx512=False,
+              fused_blocks=False):
     """softmax(q k^T / sqrt(d)) v for q [B, h, N, d] and k, v [B, h, M, d] of any strides; [B, h, N, d].
 
     On the oneDNN path: the `fused` kernel (a FusedAttention) where it applies; else, with `blocked`
-    and at least 256 keys, two oneDNN matmuls per head and block of queries (scores of about 4 MB,
-    then softmax, then the values: linear memory), which PyTorch's CPU flash kernel, running the
-    UNet's 40-wide heads at a fraction of the machine's speed, does not match on AVX-512. That result is
-    laid out as [B, N, h, d], so `.transpose(1, 2).reshape(B, N, h * d)` is free. Elsewhere SDPA; also
-    instead of the blocks with `sdpa_without_avx512` when the kernels lack AVX-512 (`avx512()`): under
-    AVX2 the flash kernel is the faster (4096 keys: 0.34 against 0.47 s a UNet layer), natively the slower.
+    and at least 256 keys, with `fused_blocks` that kernel on blocks of queries (`in_blocks`: all heads
+    in one call, 64 MB of scores each), else two oneDNN matmuls per head and block of queries (scores of
+    about 4 MB, then softmax, then the values: linear memory), which PyTorch's CPU flash kernel, running
+    the UNet's 40-wide heads at a fraction of the machine's speed, does not match on AVX-512. Both
+    results are laid out as [B, N, h, d], so `.transpose(1, 2).reshape(B, N, h * d)` is free. Elsewhere
+    SDPA; also instead of the blocks with `sdpa_without_avx512` when the kernels lack AVX-512
+    (`avx512()`): under AVX2 the flash kernel is the faster (4096 keys: 0.34 against 0.47 s a UNet
+    layer), natively the slower. The fused blocks and the matmul blocks took the same time on a quiet
+    machine (4096 tokens, 2 x 8 heads of 40: 0.20 s a layer, AVX-512, 2 threads), and half the time
+    beside a busy neighbour (0.37 to 0.40 s against 0.81 to 0.87 s): the matmuls' three calls per block
+    each wait at a barrier for both threads, one call for all heads does not (bench/README.md).
     """
     B, h, N, d = q.shape
     M = k.shape[2]
@@ -326,6 +350,10 @@ def attention(q, k, v, fused=None, blocked=True, block_bytes=ATTN_BLOCK_BYTES, s
             return out
     if not blocked or M < ATTN_MIN_KEYS or (sdpa_without_avx512 and not avx512()):
         return F.scaled_dot_product_attention(q, k, v)
+    if fused is not None and fused_blocks:
+        out = fused.in_blocks(q, k, v)
+        if out is not None:
+            return out
     out = q.new_empty(B, N, h, d).transpose(1, 2)  # (B, h, N, d) view of a (B, N, h, d) buffer
     q = torch.mul(q, d**-0.5, out=q.new_empty(B, h, N, d))  # scaled, contiguous per head
     k = k.contiguous()  # (B, h, M, d)

@@ -216,7 +216,8 @@ class Attention:
                 return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
         if opts.onednn:
             return kernels.attention(q, k, v, fused=self.fused if opts.fused_attention else None,
-                                     blocked=opts.blocked_attention, sdpa_without_avx512=opts.sdpa_without_avx512)
+                                     blocked=opts.blocked_attention, sdpa_without_avx512=opts.sdpa_without_avx512,
+                                     fused_blocks=opts.fused_attention_blocks)
         return F.scaled_dot_product_attention(q, k, v)
 
 
