@@ -105,6 +105,14 @@ def world_from_env(device: str | None = None) -> World:
     backend = "nccl" if dev is not None and dev.type == "cuda" else "gloo"
     if dev is not None and dev.type == "cuda":
         torch.cuda.set_device(dev)
+    # torch.distributed.nn's functions take `group=group.WORLD` as a default argument, evaluated when the
+    # module is first imported (the model's libraries import it while loading): imported after the group
+    # starts, ten default arguments hold the group, destroy_process_group cannot free it, and gloo's
+    # threads live on into the interpreter's exit, where one of them freeing a finished gather's tensors
+    # aborts the process ("terminate called without an active exception", about 1 run in 50 with
+    # other work on the cores). Imported first, those defaults are None.
+    import torch.distributed.nn  # noqa: F401
+
     torch.distributed.init_process_group(backend, timeout=TIMEOUT)
     log.info("rank %d of %d (%s backend)", world.rank, world.world_size, backend)
     return world

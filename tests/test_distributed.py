@@ -199,3 +199,33 @@ def test_failing_rank_ends_every_rank_under_a_plain_launcher(job, tmp_path):
     assert "txt2img: error (rank 1): simulated failure on rank 1" in errs[1]
     assert "txt2img: error (rank 0): rank 1 failed: simulated failure on rank 1" in errs[0]
     assert not (tmp_path / "out" / "grid-0000.png").exists()  # no grid of a failed job
+
+
+def test_closing_the_world_frees_the_process_group_and_its_threads():
+    """A library imported after the group starts (the model's, while loading) must not keep it alive: its
+    gloo threads then outlive destroy_process_group into the interpreter's exit, where one freeing a finished
+    gather's tensors aborted a rank after all its images were written (SIGABRT, about 1 run in 50 on a busy
+    machine). torch.distributed.nn is such a library: its functions' default `group=group.WORLD`."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = """
+import os, torch
+from ldm.distributed import world_from_env
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+world = world_from_env("cpu")
+running = threads()
+import torch.distributed.nn.functional as fn  # as a library imported while loading would
+assert world.gather({"rank": world.rank}) == [{"rank": 0}]
+world.close()
+print(before, running, threads(), fn.broadcast.__defaults__[-1] is None)
+"""
+    e = dict(env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=e, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    before, running, after, default_is_none = r.stdout.split()
+    assert int(running) > int(before)  # the group's threads
+    assert int(after) == int(before) and default_is_none == "True"
