@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.checkpoint import load_model, read_state_dict
+from ldm.checkpoint import build_model, load_model, read_state_dict
 from ldm.config import load_config
 from ldm.demo import shapes
 from ldm.demo.evaluate import evaluate, start_noise
@@ -119,7 +119,6 @@ def test_training_is_seeded_and_stage_2_resumes_from_stage_1(tmp_path):
 
 def _train_both_stages(seed):
     """Two autoencoder steps and two diffusion steps of the demo model from its config, in this process."""
-    from ldm.checkpoint import build_model
     from ldm.demo import train
 
     torch.manual_seed(0)  # the initial weights
@@ -137,8 +136,6 @@ def _train_both_stages(seed):
 
 def test_training_steps_in_process_are_seeded_and_move_the_weights():
     """The training module's own loops (the whole-script test above is in the slow tier)."""
-    from ldm.checkpoint import build_model
-
     a, losses, seen, mean = _train_both_stages(seed=0)
     b, losses_b, _, _ = _train_both_stages(seed=0)
     assert all(np.isfinite(v) for v in losses) and losses == losses_b

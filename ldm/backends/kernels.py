@@ -307,13 +307,20 @@ class FusedAttention:
         rows = max(16, block_scores // (B * h * k.shape[2] * q.element_size()))
         if rows >= N:
             return self(q, k, v)
-        out = q.new_empty(B, N, h, d).transpose(1, 2)  # (B, h, N, d) view of a (B, N, h, d) buffer
+        out = _heads_last_buffer(q)
         for i in range(0, N, rows):
             part = self(q[:, :, i:i + rows], k, v)  # one signature for every full block (a view's strides)
             if part is None:
                 return None
             out[:, :, i:i + rows] = part
         return out
+
+
+def _heads_last_buffer(q):
+    """An empty (B, h, N, d) output for q [B, h, N, d], viewed in a (B, N, h, d) buffer: the attention's
+    `.transpose(1, 2).reshape(B, N, h * d)` is then free."""
+    B, h, N, d = q.shape
+    return q.new_empty(B, N, h, d).transpose(1, 2)
 
 
 def _scaled_dot_product(scale):
@@ -354,7 +361,7 @@ def attention(q, k, v, fused=None, blocked=True, block_bytes=ATTN_BLOCK_BYTES, s
         out = fused.in_blocks(q, k, v)
         if out is not None:
             return out
-    out = q.new_empty(B, N, h, d).transpose(1, 2)  # (B, h, N, d) view of a (B, N, h, d) buffer
+    out = _heads_last_buffer(q)
     q = torch.mul(q, d**-0.5, out=q.new_empty(B, h, N, d))  # scaled, contiguous per head
     k = k.contiguous()  # (B, h, M, d)
     vt = v.transpose(2, 3).contiguous()  # (B, h, d, M)
