@@ -81,6 +81,7 @@ def reference(job):
     return out
 
 
+@pytest.mark.slow  # two torchrun ranks (13 s); the fast tier keeps the plain-launcher failing-rank job and the group's close
 def test_two_processes_give_the_same_files_and_pixels(job, reference):
     d, args = job
     out = d / "two"

@@ -29,7 +29,7 @@ DEMO = REPO / "models" / "demo" / "shapes.safetensors"
 DEMO_CONFIG = REPO / "configs" / "demo" / "shapes.yaml"
 
 FAST_ST_CASES, SLOW_ST_CASES = 100, 3000
-FAST_CKPT_CASES, SLOW_CKPT_CASES = 60, 600  # of each: zip and legacy
+FAST_CKPT_CASES, SLOW_CKPT_CASES = 30, 600  # of each: zip and legacy
 
 
 def structure(sd):

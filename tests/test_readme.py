@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,6 +27,7 @@ def test_readme_starts_with_install_generate_and_test_commands():
     assert "python3 -m pytest -q tests" in ci and "torch==2.13.0" in ci
 
 
+@pytest.mark.slow  # a whole process of the console script; the fast tier runs the same CLI in process
 def test_readme_generate_command_runs(tmp_path):
     """The generation part of the first command, run from an empty folder (CI has installed the package)."""
     generate = readme_commands()[0].split("&&")[-1].strip()

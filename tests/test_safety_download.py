@@ -125,6 +125,7 @@ def endpoint(server):
     return f"http://127.0.0.1:{server.server_address[1]}"
 
 
+@pytest.mark.slow  # two whole CLI processes with transformers (12 s); the fast tier loads the checker in tests/test_cli.py
 def test_first_run_downloads_the_checker_once_then_uses_the_cache(hub, tiny, tmp_path):
     hf_home = tmp_path / "hf"
     hub.requests.clear()
