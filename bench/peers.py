@@ -433,6 +433,11 @@ def image(args):
     out = json.loads(lines[-1].removeprefix("RESULT "))
     res.update({k: out[k] for k in ("load_s", "rss_peak") if k in out})
     res["image_s"] = out["image_s"][0] if isinstance(out["image_s"], list) else out["image_s"]
+    if out.get("step_ends_s"):  # the image's phases: text and first step, the steady steps, decode and the rest
+        ends = out["step_ends_s"][0]
+        gaps = sorted(b - a for a, b in zip(ends, ends[1:]))
+        res["phases_s"] = {"to_first_step_end": ends[0], "step_median": gaps[len(gaps) // 2] if gaps else None,
+                           "after_last_step": round(res["image_s"] - ends[-1], 3), "step_ends": ends}
     log(json.dumps(res))
     save(["image", cap_key(args), tool], res)
 

@@ -215,9 +215,9 @@ def diffusers_sharing(model, config):
 def ours_image_fn(pipe, args):
     """One image end to end through our pipeline: text encoding, DDIM with guidance 7.5, decoding to PIL."""
 
-    def image(seed, steps=None):
+    def image(seed, steps=None, callback=None):
         return pipe(PROMPT, steps=steps or args.e2e_steps, H=args.e2e_size, W=args.e2e_size, n_samples=1, n_iter=1, seed=seed,
-                    scale=7.5, sampler="ddim")[0].image
+                    scale=7.5, sampler="ddim", callback=callback and (lambda *_: callback()))[0].image
 
     return image
 
@@ -378,7 +378,13 @@ def child(args):
         torch.cuda.reset_peak_memory_stats()
     out["image_s"] = []
     for i in range(args.images):
-        out["image_s"].append(timed(lambda: image(42 + i), device))
+        if args.child == "ours" and not cuda:  # where the time goes: each step's end, from the image's start
+            t0, ends = time.perf_counter(), []
+            image(42 + i, callback=lambda: ends.append(time.perf_counter() - t0))
+            out["image_s"].append(time.perf_counter() - t0)
+            out.setdefault("step_ends_s", []).append([round(e, 3) for e in ends])
+        else:
+            out["image_s"].append(timed(lambda: image(42 + i), device))
     out["rss_peak"] = peak_rss()
     if cuda:
         out["gpu_peak"] = max(out["gpu_ready"], torch.cuda.max_memory_allocated())

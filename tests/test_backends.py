@@ -126,7 +126,10 @@ def test_weights_are_packed_at_optimize_time():
     assert convs[0].hint == (1, 4, 64, 64)  # the hint: one 512x512 image under guidance (before the fan-out)
     assert all("_phases" in m.__dict__ for m in unet.modules() if isinstance(m, fast.PhaseUpsample))
     decoder = model.first_stage_model.decoder
-    assert all("_form" in m.__dict__ for m in decoder.modules() if isinstance(m, fast.PackedConv2d))
+    ups = [m for m in decoder.modules() if isinstance(m, fast.PhaseUpsample)]
+    assert ups and all("_phases" in m.__dict__ and "_form" not in m.conv.__dict__ for m in ups)  # phase kernels only
+    up_convs = {id(m.conv) for m in ups}
+    assert all("_form" in m.__dict__ for m in decoder.modules() if isinstance(m, fast.PackedConv2d) and id(m) not in up_convs)
     lazy = optimize(_tiny(), BackendOptions(prepack_latent_size=None))
     assert not any("_form" in m.__dict__ for m in lazy.modules())
 

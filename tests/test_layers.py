@@ -276,6 +276,50 @@ def test_linear_and_conv_add_the_residual_in_their_epilogue():
         assert rel_err(geglu(x), a * F.gelu(gate)) < 5e-6  # GELU and product in the matmuls' epilogues
 
 
+def test_channels_last_residual_is_summed_in_the_epilogue(monkeypatch):
+    """Maps between the decoder's convolutions are channels-last: such a residual goes to oneDNN's sum
+    epilogue (not a separate add) beside a channels-last input, and the sum is exact; a row-major input
+    with a channels-last residual adds it after."""
+    g = torch.Generator().manual_seed(8)
+    conv = _conv(24, 32)
+    cl = torch.channels_last
+    x, r = torch.randn(1, 24, 9, 10, generator=g).contiguous(memory_format=cl), torch.randn(1, 32, 9, 10, generator=g)
+    assert kernels.fusable(r.contiguous(memory_format=cl), (1, 32, 9, 10), x)
+    assert not kernels.fusable(r.contiguous(memory_format=cl), (1, 32, 9, 10), x.contiguous())
+    assert not kernels.fusable(r.transpose(2, 3), (1, 32, 9, 10), x)  # neither layout
+    fused = []
+    real = kernels.conv
+    monkeypatch.setattr(kernels, "conv", lambda *a, **k: fused.append(a[-1] is not None) or real(*a, **k))
+    with torch.no_grad():
+        for xi, ri, summed in [(x, r.contiguous(memory_format=cl), True), (x.contiguous(), r.contiguous(memory_format=cl), False)]:
+            fused.clear()
+            y = conv(xi, ri)
+            assert fused == [summed]
+            assert torch.equal(y, conv(xi) + ri)
+            assert rel_err(y, _reference(conv, xi) + ri) < 5e-6
+
+
+def test_decoder_blocks_take_the_phase_kernels_and_the_residual_epilogue():
+    """The autoencoder's upsampler runs as phase kernels and its ResnetBlock (with and without a 1x1
+    shortcut) sums the shortcut in conv2's epilogue, both equal to the reference modules."""
+    from ldm.models import autoencoder
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 64, 6, 7, generator=torch.Generator().manual_seed(12))
+    for ref in (autoencoder.Upsample(64), autoencoder.ResnetBlock(64), autoencoder.ResnetBlock(64, 96)):
+        ref.eval()
+        with torch.no_grad():
+            want = ref(x)
+            fast_ = optimize(copy.deepcopy(ref))
+            assert type(fast_) is not type(ref)
+            got = fast_(x)
+        assert rel_err(got, want) < 5e-6
+        if isinstance(ref, autoencoder.Upsample):
+            assert isinstance(fast_, fast.PhaseUpsample) and "_phases" in fast_.__dict__
+        else:
+            assert isinstance(fast_, fast.FastResnetBlock)
+
+
 @pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 def test_conv_adds_a_per_sample_channel_shift(onednn, bias):

@@ -121,8 +121,12 @@ def matmul(x, w, bias=None):
 
 
 def fusable(residual, shape, x):
-    """True when `residual` can be added in the epilogue of a product (same shape and dtype, dense)."""
-    return tuple(residual.shape) == tuple(shape) and residual.dtype == x.dtype and residual.is_contiguous()
+    """True when `residual` can be added in the epilogue of a product (same shape and dtype, dense: row-major,
+    or channels-last like a channels-last input, the layout of the maps between the decoder's convolutions)."""
+    if tuple(residual.shape) != tuple(shape) or residual.dtype != x.dtype:
+        return False
+    return residual.is_contiguous() or (residual.dim() == 4 == x.dim() and x.is_contiguous(memory_format=torch.channels_last)
+                                        and residual.is_contiguous(memory_format=torch.channels_last))
 
 
 def linear(x, weight, bias=None, residual=None):

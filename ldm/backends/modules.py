@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ..models import autoencoder
 from ..models.autoencoder import AttnBlock
 from ..models.unet import (BasicTransformerBlock, CrossAttention, FeedForward, GEGLU, GroupNorm32, ResBlock,
                            SpatialTransformer, UNetModel, Upsample)
@@ -291,8 +292,9 @@ class FastSpatialTransformer(Derived, SpatialTransformer):
         return _conv(self.proj_out, rearrange(h, "b (h w) c -> b c h w", h=H, w=W), residual=x)
 
 
-class PhaseUpsample(Derived, Upsample):
-    """conv(nearest 2x upsampling of x) as four 2x2 convolutions of x, one per output phase."""
+class PhaseUpsample(Derived):
+    """conv(nearest 2x upsampling of x) as four 2x2 convolutions of x, one per output phase: a mixin over
+    an upsampler with a 3x3 `conv` (the UNet's and the autoencoder decoder's, below)."""
 
     _derived = ("_phases",)
     hint = None  # the input shape the phase kernels were first packed for (set by optimize)
@@ -336,6 +338,24 @@ class PhaseUpsample(Derived, Upsample):
         gemm = self._gemm(x.shape)
         kernels_ = self.phase_kernels(gemm, x.shape)
         return kernels.upsampled_conv(x, kernels_, self.conv.bias, self.conv.out_channels, gemm)
+
+
+class UNetPhaseUpsample(PhaseUpsample, Upsample):
+    pass
+
+
+class DecoderPhaseUpsample(PhaseUpsample, autoencoder.Upsample):
+    pass
+
+
+class FastResnetBlock(Derived, autoencoder.ResnetBlock):
+    """The autoencoder's ResnetBlock with its SiLUs in place on the GroupNorms' fresh outputs and the
+    shortcut summed in conv2's epilogue: two passes over the block's maps fewer."""
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
+        return _conv(self.conv2, F.silu(self.norm2(h), inplace=True), residual=shortcut)  # shortcut + conv2(...)
 
 
 class FastResBlock(Derived, ResBlock):
@@ -412,7 +432,8 @@ class FastAttnBlock(Attention, Derived, AttnBlock):
 # reference class -> fused class; the leaves only with `onednn` (the others read their levers at call time)
 COMPOSITE = {
     GroupNorm32: FastGroupNorm32, CrossAttention: FastCrossAttention, GEGLU: FastGEGLU, FeedForward: FastFeedForward,
-    BasicTransformerBlock: FastTransformerBlock, SpatialTransformer: FastSpatialTransformer, Upsample: PhaseUpsample,
+    BasicTransformerBlock: FastTransformerBlock, SpatialTransformer: FastSpatialTransformer, Upsample: UNetPhaseUpsample,
     ResBlock: FastResBlock, UNetModel: FastUNet, AttnBlock: FastAttnBlock,
+    autoencoder.Upsample: DecoderPhaseUpsample, autoencoder.ResnetBlock: FastResnetBlock,
 }
 LEAVES = {nn.Linear: OneDNNLinear, nn.Conv2d: PackedConv2d}
