@@ -33,9 +33,10 @@ class BackendOptions:
       ONEDNN_MAX_CPU_ISA=AVX2: `kernels.avx512()`), attention that the fused kernel does not take (beyond
       1024 keys: the 4096-token layers at 512x512) runs SDPA's flash kernel instead of the blocked matmuls,
       1.1 to 1.4x faster there; with AVX-512 the blocks stay (SDPA is 1.4x slower there).
-    - `phase_upsample`: each UNet upsampler (nearest 2x, then 3x3 conv) as four 2x2 convolutions of the
-      small map, one per output phase: 4/9 of the FLOPs, no upsampled copy. (Not in the VAE decoder,
-      whose large maps measured slower with it.)
+    - `phase_upsample`: each upsampler of the UNet and of the autoencoder's decoder (nearest 2x, then 3x3
+      conv) as four 2x2 convolutions of the small map, one per output phase: 4/9 of the FLOPs, no
+      upsampled copy (the v1 decoder's three at 512x512: 0.82 -> 0.48 s and 0.91 -> 0.62 s for the two
+      largest, `bench/README.md`).
     - `tiny_conv_gemm`: a convolution with at most 64 output positions (batch included) as one matmul.
     - `prepack_latent_size`: the latent size, a side or (height, width) (64: a 512x512 image), whose layer
       shapes the conv weights are packed for at optimize time. oneDNN's layout depends on the input
