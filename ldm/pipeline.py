@@ -276,6 +276,10 @@ class Txt2Img:
         """
         device = pick_device(device)
         dtype, _, _ = resolve_precision(device, precision)
+        if device.type == "cpu":  # the CPU's activations from the heap from the first step (a user's MALLOC_* wins)
+            from .backends.memory import set_heap_defaults
+
+            set_heap_defaults()
         ckpt = repo_path(ckpt)
         if not ckpt.is_file():
             raise CheckpointError(missing_checkpoint_message(ckpt) if not ckpt.exists()

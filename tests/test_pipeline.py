@@ -1,5 +1,6 @@
 """Txt2Img as a library: it leaves the caller's model alone, and its prompt caches stay small."""
 
+import json
 import sys
 
 import pytest
@@ -35,6 +36,45 @@ def test_prompt_caches_keep_only_the_recent_prompts(model):
     assert ("prompt 9", True) in pipe._chunks and ("prompt 0", True) not in pipe._chunks
     again = pipe.conditioning("prompt 0")[0]  # made again, the same values
     assert again is not first and torch.equal(again, first)
+
+
+_HEAP_PROBE = """
+import ctypes, json, sys
+from ldm.backends.memory import set_heap_defaults
+libc = ctypes.CDLL(None)
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype, libc.malloc.restype = Info, ctypes.c_void_p
+def mapped(mb):  # 1 when a block of `mb` MB is a mapping of its own, 0 when it comes from the heap
+    before = libc.mallinfo2().hblks
+    block = libc.malloc(mb << 20)
+    during = libc.mallinfo2().hblks
+    libc.free(ctypes.c_void_p(block))
+    return during - before
+first = mapped(24)  # also raises glibc's own threshold to 24 MB
+applied = set_heap_defaults()
+print(json.dumps([first, applied, mapped(28), mapped(40)]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
+@pytest.mark.parametrize("env, expect", [({}, [1, True, 0, 1]), ({"MALLOC_TRIM_THRESHOLD_": "131072"}, [1, False, 1, 1])])
+def test_heap_defaults_serve_blocks_up_to_32_mb_from_the_heap(env, expect):
+    """From the start, not after glibc raised its threshold block by block; above 32 MB a mapping each as
+    before; a user's own MALLOC_* setting is left alone."""
+    import ctypes
+    import os
+    import subprocess
+
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("not glibc 2.33 or later")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    r = subprocess.run([sys.executable, "-c", _HEAP_PROBE], capture_output=True, text=True, timeout=120,
+                       env={**clean, "PYTHONPATH": repo, **env})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == expect
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux page maps")
