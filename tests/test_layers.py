@@ -299,6 +299,28 @@ def test_channels_last_residual_is_summed_in_the_epilogue(monkeypatch):
             assert rel_err(y, _reference(conv, xi) + ri) < 5e-6
 
 
+@pytest.mark.parametrize("lever", [True, False])
+def test_feed_forward_runs_over_blocks_of_tokens_beyond_the_heap_block(monkeypatch, lever):
+    """With `token_chunks`, a feed-forward whose inner activation would pass FF_CHUNK_BYTES runs over equal
+    blocks of rows that stay under it (here 3), with the residual in each block's epilogue; the same values."""
+    from ldm.models.unet import FeedForward
+
+    torch.manual_seed(0)
+    ref = FeedForward(32).eval()
+    ff = optimize(copy.deepcopy(ref), BackendOptions(token_chunks=lever))
+    g = torch.Generator().manual_seed(13)
+    x, r = torch.randn(2, 45, 32, generator=g), torch.randn(2, 45, 32, generator=g)
+    monkeypatch.setattr(fast, "FF_CHUNK_BYTES", 2 * 45 * 128 * 4 // 3)  # 90 rows of 128 floats: 3 blocks of 30
+    rows = []
+    real = kernels.geglu
+    monkeypatch.setattr(kernels, "geglu", lambda x_, *a, **k: rows.append(x_.shape[0]) or real(x_, *a, **k))
+    with torch.no_grad():
+        want = ref(x) + r
+        got = ff(x, residual=r)
+    assert got.shape == want.shape and rel_err(got, want) < 5e-6
+    assert rows == ([30, 30, 30] if lever else [2])
+
+
 def test_decoder_blocks_take_the_phase_kernels_and_the_residual_epilogue():
     """The autoencoder's upsampler runs as phase kernels and its ResnetBlock (with and without a 1x1
     shortcut) sums the shortcut in conv2's epilogue, both equal to the reference modules."""

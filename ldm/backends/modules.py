@@ -18,7 +18,7 @@ from ..models.autoencoder import AttnBlock
 from ..models.unet import (BasicTransformerBlock, CrossAttention, FeedForward, GEGLU, GroupNorm32, ResBlock,
                            SpatialTransformer, UNetModel, Upsample)
 from . import kernels
-from .memory import release_file_pages
+from .memory import HEAP_MMAP_THRESHOLD, release_file_pages
 
 
 def fan_out(t, k):
@@ -259,9 +259,19 @@ class FastGEGLU(Derived, GEGLU):
         return super().forward(x)
 
 
+FF_CHUNK_BYTES = HEAP_MMAP_THRESHOLD  # largest inner activation of `token_chunks`: a block glibc serves from its heap
+
+
 class FastFeedForward(Derived, FeedForward):
     def forward(self, x, residual=None):
-        return _linear(self.net[2], self.net[0](x), residual)  # net[1] is an identity
+        rows, inner = x.numel() // x.shape[-1], self.net[2].in_features
+        n = -(-rows * inner * x.element_size() // FF_CHUNK_BYTES)  # blocks of tokens for `token_chunks`
+        if n <= 1 or not self.backend.token_chunks or not x.is_contiguous() or x.device.type != "cpu":
+            return _linear(self.net[2], self.net[0](x), residual)  # net[1] is an identity
+        flat = x.view(rows, x.shape[-1])
+        skips = [None] * n if residual is None else residual.reshape(rows, residual.shape[-1]).chunk(n)
+        outs = [_linear(self.net[2], self.net[0](xs), rs) for xs, rs in zip(flat.chunk(n), skips)]
+        return torch.cat(outs).view(*x.shape[:-1], outs[0].shape[-1])
 
 
 class FastTransformerBlock(Derived, BasicTransformerBlock):

@@ -37,6 +37,12 @@ class BackendOptions:
       conv) as four 2x2 convolutions of the small map, one per output phase: 4/9 of the FLOPs, no
       upsampled copy (the v1 decoder's three at 512x512: 0.82 -> 0.48 s and 0.91 -> 0.62 s for the two
       largest, `bench/README.md`).
+    - `token_chunks`: on the CPU, a feed-forward whose inner activations (4x the width, GEGLU's gate
+      and product) would exceed 32 MB runs over blocks of tokens that keep them under it: glibc serves
+      those blocks from its heap, reused step after step, where each larger one is a mapping of its own,
+      faulted in and zeroed at every call (`ldm.backends.memory.set_heap_defaults`). At 512x512 the
+      4096-token layers' [2, 4096, 1280] activations (42 MB): 2 blocks of 4096 rows; the up-projection
+      then took 16-20 ms a call instead of 31 (bench/README.md).
     - `tiny_conv_gemm`: a convolution with at most 64 output positions (batch included) as one matmul.
     - `prepack_latent_size`: the latent size, a side or (height, width) (64: a 512x512 image), whose layer
       shapes the conv weights are packed for at optimize time. oneDNN's layout depends on the input
@@ -85,6 +91,7 @@ class BackendOptions:
     sdpa_without_avx512: bool = True
     fused_attention_blocks: bool = True
     phase_upsample: bool = True
+    token_chunks: bool = True
     tiny_conv_gemm: bool = True
     prepack_latent_size: int | tuple[int, int] | None = 64
     pack_max_positions: int | None = 8192
@@ -97,7 +104,7 @@ class BackendOptions:
     compile: bool = False
 
     LEVERS = ("onednn", "epilogues", "fused_attention", "blocked_attention", "sdpa_without_avx512",
-              "fused_attention_blocks", "phase_upsample",
+              "fused_attention_blocks", "phase_upsample", "token_chunks",
               "tiny_conv_gemm", "fan_out", "kv_reuse", "fp32_attention", "half_groupnorm")
 
     @classmethod
