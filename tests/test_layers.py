@@ -118,6 +118,20 @@ def test_fused_attention_is_fused_and_leaves_the_fuser_off():
         assert rel_err(out, _softmax_attention(q, k, v)) < 1e-5
 
 
+def test_fused_attention_runs_its_pattern_unfused_once_at_full_size():
+    """A new signature is traced on tiny inputs, so the first call computes the full-size attention
+    unfused once (TorchScript's profiling run: its two matmuls), not twice, before the fused kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fused = kernels.FusedAttention()
+    q, k, v = _qkv(96)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        out = kernels.attention(q, k, v, fused)
+    full = [e for e in prof.events() if e.name == "aten::bmm" and e.input_shapes and 200 in e.input_shapes[0]]  # 200 queries
+    assert len(full) == 2  # scores and values, once
+    assert not fused.failed and rel_err(out, _softmax_attention(q, k, v)) < 1e-5
+
+
 def test_fused_attention_keeps_a_bounded_number_of_graphs():
     fused = kernels.FusedAttention(max_graphs=2)
     with torch.no_grad():

@@ -286,7 +286,9 @@ class FusedAttention:
             if graph is None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # TorchScript is deprecated; this use is self-contained
-                    graph = torch.jit.trace(_scaled_dot_product(scale), (q, k, v), check_trace=False)
+                    # traced on tiny inputs (tracing runs the ops once, unfused): the trace records no shapes the
+                    # profiling runs below do not replace with these inputs' own
+                    graph = torch.jit.trace(_scaled_dot_product(scale), _tiny_like(q, k, v), check_trace=False)
                 for _ in range(max(1, getattr(torch._C, "_jit_get_num_profiled_runs", lambda: 1)())):
                     graph(q, k, v)  # TorchScript's profiling runs, unfused: their results are not returned, so
                     # every result comes from the fused kernel (the same bits at every call, the first included)
@@ -318,6 +320,11 @@ class FusedAttention:
                 return None
             out[:, :, i:i + rows] = part
         return out
+
+
+def _tiny_like(*tensors):
+    """Inputs for tracing the attention pattern: each tensor's rank, dtype and last dimension, 2 long elsewhere."""
+    return tuple(t.new_zeros((*(2 for _ in t.shape[:-1]), t.shape[-1])) for t in tensors)
 
 
 def _heads_last_buffer(q):
