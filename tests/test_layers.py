@@ -354,6 +354,10 @@ def test_decoder_blocks_take_the_phase_kernels_and_the_residual_epilogue():
             assert isinstance(fast_, fast.PhaseUpsample) and "_phases" in fast_.__dict__
         else:
             assert isinstance(fast_, fast.FastResnetBlock)
+            xg = x.clone().requires_grad_(True)  # under autograd: the reference computation, gradients included
+            fast_(xg).sum().backward()
+            want_grad = torch.autograd.grad(ref(x.clone().requires_grad_(True)).sum(), ref.conv1.weight)[0]
+            assert rel_err(fast_.conv1.weight.grad, want_grad) < 5e-6
 
 
 @pytest.mark.parametrize("onednn", [True, False])
