@@ -14,9 +14,11 @@ Set before torch is imported: the subprocesses the tests start inherit it.
 
 import os
 
+from ldm.devices import usable_cores  # imports no torch
+
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
 if _workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cores() // _workers))
 
 
 GIB_PER_WORKER = 8  # the slow tier's full-size v1 parity tests hold the UNet, its reference and diffusers' copy
@@ -36,10 +38,7 @@ def _available_gib():
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker per core this process may run on, no more than the memory holds; 0 (in
     process, no workers) where that leaves one."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     gib = _available_gib()
     workers = cores if gib is None else min(cores, int(gib // GIB_PER_WORKER))
     return workers if workers > 1 else 0

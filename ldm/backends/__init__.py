@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..models.autoencoder import AutoencoderKL, Decoder
+from ..models.autoencoder import Upsample as DecoderUpsample
 from ..models.unet import UNetModel
 from . import kernels
 from .modules import (COMPOSITE, LEAVES, Derived, FastCrossAttention, FastGEGLU, FastUNet, OneDNNLinear, PackedConv2d,
@@ -161,7 +162,6 @@ def _input_shapes(model, size, fan_out):
     Found by running the (reference) modules once on a small latent and scaling the recorded maps:
     every map of a fully convolutional network scales with its input.
     """
-    from ..models import autoencoder
     from ..models.unet import BasicTransformerBlock, Upsample
 
     sh, sw = (size, size) if isinstance(size, int) else size
@@ -200,7 +200,7 @@ def _input_shapes(model, size, fan_out):
         def fan(m, inputs, batch=batch):
             batch["n"] = 2
 
-        hooks = [m.register_forward_pre_hook(record) for m in top.modules() if isinstance(m, (nn.Conv2d, Upsample, autoencoder.Upsample))]
+        hooks = [m.register_forward_pre_hook(record) for m in top.modules() if isinstance(m, (nn.Conv2d, Upsample, DecoderUpsample))]
         hooks += [m.register_forward_pre_hook(fan) for m in fanned]
         try:
             top(*args)

@@ -94,7 +94,12 @@ def fast(x, weight):
     """True when this call can take the oneDNN path: CPU, float32 (or bfloat16 where the CPU has it, see
     `fast_dtype`) in both, no gradient to record, not traced."""
     return (x.device.type == "cpu" and x.dtype == weight.dtype and fast_dtype(x.dtype)
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and not compiling())
+            and not records_grad(x, weight) and not compiling())
+
+
+def records_grad(x, weight) -> bool:
+    """True when autograd records a call on x with weight (the fused paths are for inference)."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
 def recording(t) -> bool:
