@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from .paths import CHECKPOINT_SUFFIXES, DEMO_CKPT, model_dirs, repo_path
+from .paths import CHECKPOINT_SUFFIXES, DEMO_CKPT, cache_dir, model_dirs, repo_path
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ HASH_LENGTH = 10
 
 
 def cache_file() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "txt2img" / "model-hashes.json"
+    return cache_dir() / "model-hashes.json"
 
 
 def _read_cache() -> dict:

@@ -5,6 +5,7 @@ Imports nothing heavy (the command line reads it before torch loads).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .defaults import DEFAULT_CKPT
@@ -14,6 +15,11 @@ DEMO_CONFIG = "configs/demo/shapes.yaml"
 DEMO_CKPT = "models/demo/shapes.safetensors"
 MODELS_DIR = "models"  # searched (recursively) for a checkpoint by its hash
 CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors")
+
+
+def cache_dir() -> Path:
+    """This user's cache folder for txt2img: $XDG_CACHE_HOME/txt2img (default ~/.cache/txt2img)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "txt2img"
 
 
 def repo_path(path) -> Path:

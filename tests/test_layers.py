@@ -258,11 +258,12 @@ def test_long_attention_takes_the_fused_blocks_with_the_lever(monkeypatch, fused
 @pytest.mark.parametrize("lever", [True, False])
 def test_v1_self_attention_at_4096_tokens_equals_the_reference(monkeypatch, lever):
     """A self-attention of v1's top level at 512x512 (4096 tokens, 320 channels, 8 heads of 40, both halves
-    of the guided batch), optimized with `fused_attention_blocks` on and off, against the reference module."""
+    of the guided batch), optimized with `fused_attention_blocks` on and off (and our kernel off, which would
+    take it first: tests/test_native.py), against the reference module."""
     monkeypatch.setattr(kernels, "avx512", lambda: True)  # the blocked paths, not SDPA, on any CPU
     torch.manual_seed(0)
     ref = CrossAttention(320, heads=8, dim_head=40).eval().requires_grad_(False)
-    attn = optimize(copy.deepcopy(ref), BackendOptions(fused_attention_blocks=lever))
+    attn = optimize(copy.deepcopy(ref), BackendOptions(fused_attention_blocks=lever, native_attention=False))
     x = torch.randn(2, 4096, 320)
     with torch.no_grad():
         want = ref(x)

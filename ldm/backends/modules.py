@@ -218,7 +218,7 @@ class Attention:
         if opts.onednn:
             return kernels.attention(q, k, v, fused=self.fused if opts.fused_attention else None,
                                      blocked=opts.blocked_attention, sdpa_without_avx512=opts.sdpa_without_avx512,
-                                     fused_blocks=opts.fused_attention_blocks)
+                                     fused_blocks=opts.fused_attention_blocks, native=opts.native_attention)
         return F.scaled_dot_product_attention(q, k, v)
 
 

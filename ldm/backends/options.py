@@ -29,6 +29,11 @@ class BackendOptions:
       `fused_attention` are on) as the fused kernel on blocks of queries instead of two matmuls and a
       softmax per head and block: the same speed on a quiet machine, about 2x faster beside other busy
       processes (one call for all heads: fewer waits at thread barriers).
+    - `native_attention`: attention beyond 1024 keys (the 4096-token layers at 512x512), float32, heads of
+      up to 64 channels, where the kernels run AVX-512, by our own C kernel (`ldm.backends.native`,
+      compiled on first use; where it cannot be, the kernels below take its place): 1.3x faster than the
+      fused blocks on a guided layer of v1 at 512x512, 2.5x on the layer that runs once per latent
+      (bench/README.md, "Attention of our own").
     - `sdpa_without_avx512`: where the CPU kernels lack AVX-512 (an AVX2 machine, or oneDNN capped with
       ONEDNN_MAX_CPU_ISA=AVX2: `kernels.avx512()`), attention that the fused kernel does not take (beyond
       1024 keys: the 4096-token layers at 512x512) runs SDPA's flash kernel instead of the blocked matmuls,
@@ -90,6 +95,7 @@ class BackendOptions:
     blocked_attention: bool = True
     sdpa_without_avx512: bool = True
     fused_attention_blocks: bool = True
+    native_attention: bool = True
     phase_upsample: bool = True
     token_chunks: bool = True
     tiny_conv_gemm: bool = True
@@ -104,7 +110,7 @@ class BackendOptions:
     compile: bool = False
 
     LEVERS = ("onednn", "epilogues", "fused_attention", "blocked_attention", "sdpa_without_avx512",
-              "fused_attention_blocks", "phase_upsample", "token_chunks",
+              "fused_attention_blocks", "native_attention", "phase_upsample", "token_chunks",
               "tiny_conv_gemm", "fan_out", "kv_reuse", "fp32_attention", "half_groupnorm")
 
     @classmethod

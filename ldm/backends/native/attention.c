@@ -1,0 +1,220 @@
+/* softmax(q k^T * scale) v for float32 heads of up to 64 channels, AVX-512, on the CPU's threads.
+
+   Built by ldm/backends/native.py (gcc -O2 -mavx512f -mfma), called through ctypes. Each work item is
+   a block of QB queries of one (sample, head): their scores against every key are computed into a
+   buffer of the calling thread (QB x M floats: L2-sized at 4096 keys), each row's softmax is taken
+   there (max, then exp(s - max) in place and its sum), then the probabilities times the values are
+   summed into the output rows and scaled by 1 / sum. Exactly the reference's sum, in another order:
+   no running rescale as in a streaming (flash) kernel, since the whole row of scores fits in cache.
+
+   Layouts (elements; the last dimension of q, v and out is contiguous):
+     q    [B, H, N, D] at strides qs (b, h, n)
+     kp   [B, H, M / 32, D, 32] contiguous: keys packed by tiles of 32, channel-major within a tile
+     v    [B, H, M, D] at strides vs (b, h, m)
+     out  [B, H, N, D] at strides os (b, h, n)
+   M must be a multiple of 32 and D at most 64 (the caller checks).  */
+
+#include <immintrin.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define R 8         /* query rows of one register tile */
+#define QB 32       /* query rows of one work item: its scores stay in L2 */
+#define KT 32       /* keys of one packed tile */
+#define VCHUNK 64   /* keys of the values kept in L1 while every row tile of a block takes them */
+
+typedef struct {
+    const float *q, *kp, *v;
+    float *out;
+    int64_t B, H, N, M, D;
+    int64_t qs[3], vs[3], os[3];
+    float scale;
+    int threads;
+    int failed;
+    int64_t next;   /* the next work item to take */
+} job_t;
+
+typedef struct {
+    job_t *job;
+    int tid;
+} arg_t;
+
+/* e^x for x <= 0 (and any x: above 88 it saturates at FLT_MAX-ish, below -87 it flushes to ~0):
+   2^n * e^r with n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2], e^r by its Taylor series to r^7
+   (truncation below 1e-8 relative). NaN stays NaN (max/min return their second operand on NaN). */
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
+    x = _mm512_min_ps(_mm512_set1_ps(88.0f), x);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);   /* ln 2, high part: exact n * hi */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.4286068203094172e-06f), r);      /* ln 2, low part */
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* scores of R query rows (pointers rows[]) against one packed tile of KT keys: s[r * ld + j] */
+static inline void qk_tile(const float *const *rows, const float *kt, int64_t D, float scale, float *s, int64_t ld) {
+    __m512 acc[R][2];
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < D; c++) {
+        __m512 k0 = _mm512_loadu_ps(kt + c * KT), k1 = _mm512_loadu_ps(kt + c * KT + 16);
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+            __m512 qb = _mm512_set1_ps(rows[r][c]);
+            acc[r][0] = _mm512_fmadd_ps(qb, k0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(qb, k1, acc[r][1]);
+        }
+    }
+    __m512 sc = _mm512_set1_ps(scale);
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+        _mm512_storeu_ps(s + r * ld, _mm512_mul_ps(acc[r][0], sc));
+        _mm512_storeu_ps(s + r * ld + 16, _mm512_mul_ps(acc[r][1], sc));
+    }
+}
+
+/* o[r] (+)= sum over keys j0..j1 of p[r * ld + j] * v[j], for RR rows and NV vectors of 16 channels: the
+   accumulators start from zero (first) or from o, a scratch of 64 floats a row, and go back to it */
+#define PV_TILE(NAME, RR, NV)                                                                                   \
+    static void NAME(const float *p, int64_t ld, const float *v, int64_t vstride, int64_t j0, int64_t j1,      \
+                     float *o, const __mmask16 *mask, int first) {                                             \
+        __m512 acc[RR][NV];                                                                                    \
+        _Pragma("GCC unroll 8") for (int r = 0; r < RR; r++)                                                                           \
+            _Pragma("GCC unroll 4") for (int t = 0; t < NV; t++)                                                                       \
+                acc[r][t] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o + r * 64 + 16 * t);               \
+        for (int64_t j = j0; j < j1; j++) {                                                                    \
+            __m512 vv[NV];                                                                                     \
+            _Pragma("GCC unroll 4") for (int t = 0; t < NV; t++) vv[t] = _mm512_maskz_loadu_ps(mask[t], v + j * vstride + 16 * t);     \
+            _Pragma("GCC unroll 8") for (int r = 0; r < RR; r++) {                                                                     \
+                __m512 pb = _mm512_set1_ps(p[r * ld + j]);                                                     \
+                _Pragma("GCC unroll 4") for (int t = 0; t < NV; t++) acc[r][t] = _mm512_fmadd_ps(pb, vv[t], acc[r][t]);               \
+            }                                                                                                  \
+        }                                                                                                      \
+        _Pragma("GCC unroll 8") for (int r = 0; r < RR; r++)                                                                           \
+            _Pragma("GCC unroll 4") for (int t = 0; t < NV; t++) _mm512_storeu_ps(o + r * 64 + 16 * t, acc[r][t]);                     \
+    }
+
+PV_TILE(pv_8x1, R, 1)
+PV_TILE(pv_8x2, R, 2)
+PV_TILE(pv_8x3, R, 3)
+PV_TILE(pv_4x4, R / 2, 4)
+
+/* one register tile of R rows: R x NV accumulators (24 at most; 64 channels take two passes of 4 rows) */
+static void pv_rows(const float *p, int64_t ld, const float *v, int64_t vstride, int64_t j0, int64_t j1, float *o,
+                    const __mmask16 *mask, int first, int nv) {
+    switch (nv) {
+    case 1: pv_8x1(p, ld, v, vstride, j0, j1, o, mask, first); break;
+    case 2: pv_8x2(p, ld, v, vstride, j0, j1, o, mask, first); break;
+    case 3: pv_8x3(p, ld, v, vstride, j0, j1, o, mask, first); break;
+    default:
+        pv_4x4(p, ld, v, vstride, j0, j1, o, mask, first);
+        pv_4x4(p + (R / 2) * ld, ld, v, vstride, j0, j1, o + (R / 2) * 64, mask, first);
+    }
+}
+
+static void block(const job_t *job, int64_t b, int64_t h, int64_t n0, float *s, int64_t ld, float *o, float *inv) {
+    const int64_t N = job->N, M = job->M, D = job->D;
+    const float *qbase = job->q + b * job->qs[0] + h * job->qs[1];
+    const float *kbase = job->kp + (b * job->H + h) * M * D;
+    const float *vbase = job->v + b * job->vs[0] + h * job->vs[1];
+    const int64_t rows = N - n0 < QB ? N - n0 : QB;
+    const int64_t tiles = (rows + R - 1) / R;
+    const float *qrows[QB];
+    for (int64_t r = 0; r < tiles * R; r++) {   /* rows past the end repeat the last one (computed, not written) */
+        int64_t n = n0 + (r < rows ? r : rows - 1);
+        qrows[r] = qbase + n * job->qs[2];
+    }
+    /* scores: each tile of keys (in L1) against every row tile of the block */
+    for (int64_t jt = 0; jt < M / KT; jt++)
+        for (int64_t t = 0; t < tiles; t++)
+            qk_tile(qrows + t * R, kbase + jt * KT * D, D, job->scale, s + t * R * ld + jt * KT, ld);
+    /* softmax numerators in place, and 1 / their sum per row */
+    for (int64_t r = 0; r < tiles * R; r++) {
+        float *row = s + r * ld;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < M; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(row + j));
+        __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < M; j += 16) {
+            __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + j), m));
+            _mm512_storeu_ps(row + j, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+    }
+    /* values: a chunk of keys (in L1) for every row tile, the sums kept in o between chunks */
+    const int nv = (int)((D + 15) / 16);
+    __mmask16 mask[4];
+    for (int t = 0; t < 4; t++) {
+        int64_t lanes = D - 16 * t;
+        mask[t] = lanes >= 16 ? (__mmask16)0xFFFF : lanes <= 0 ? 0 : (__mmask16)((1u << lanes) - 1);
+    }
+    for (int64_t j0 = 0; j0 < M; j0 += VCHUNK) {
+        int64_t j1 = j0 + VCHUNK < M ? j0 + VCHUNK : M;
+        for (int64_t t = 0; t < tiles; t++)
+            pv_rows(s + t * R * ld, ld, vbase, job->vs[2], j0, j1, o + t * R * 64, mask, j0 == 0, nv);
+    }
+    float *obase = job->out + b * job->os[0] + h * job->os[1];
+    for (int64_t r = 0; r < rows; r++) {
+        float *dst = obase + (n0 + r) * job->os[2];
+        __m512 sc = _mm512_set1_ps(inv[r]);
+        for (int t = 0; t < nv; t++)
+            _mm512_mask_storeu_ps(dst + 16 * t, mask[t], _mm512_mul_ps(_mm512_loadu_ps(o + r * 64 + 16 * t), sc));
+    }
+}
+
+static void *worker(void *p) {
+    arg_t *a = (arg_t *)p;
+    job_t *job = a->job;
+    const int64_t ld = job->M + 16;   /* a row's scores, padded: rows 16 KB apart would share L1 sets */
+    float *s = aligned_alloc(64, (size_t)(QB * ld + QB * 64 + QB) * sizeof(float));
+    if (!s) {
+        job->failed = 1;
+        return NULL;
+    }
+    float *o = s + QB * ld, *inv = o + QB * 64;
+    const int64_t blocks = (job->N + QB - 1) / QB, items = job->B * job->H * blocks;
+    /* items taken in order as threads come free: a core slowed by other work takes fewer (a fixed split
+       would wait for it), and the threads work on the same (sample, head) at a time, its keys in cache */
+    for (;;) {
+        int64_t i = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
+        if (i >= items) break;
+        int64_t bh = i / blocks, n0 = (i % blocks) * QB;
+        block(job, bh / job->H, bh % job->H, n0, s, ld, o, inv);
+    }
+    free(s);
+    return NULL;
+}
+
+/* 0 on success; nonzero when a thread or a buffer could not be had (the output is then incomplete) */
+int attention_f32(const float *q, const float *kp, const float *v, float *out, int64_t B, int64_t H, int64_t N,
+                  int64_t M, int64_t D, const int64_t *qs, const int64_t *vs, const int64_t *os, float scale, int threads) {
+    if (M % KT != 0 || D < 1 || D > 64 || threads < 1 || threads > 256) return 2;
+    job_t job = {q, kp, v, out, B, H, N, M, D, {qs[0], qs[1], qs[2]}, {vs[0], vs[1], vs[2]}, {os[0], os[1], os[2]},
+                 scale, threads, 0, 0};
+    pthread_t tids[256];
+    arg_t args[256];
+    int started = 0;
+    for (int t = 1; t < threads; t++) {
+        args[t].job = &job;
+        args[t].tid = t;
+        if (pthread_create(&tids[t], NULL, worker, &args[t]) != 0) {
+            job.failed = 1;
+            break;
+        }
+        started = t;
+    }
+    args[0].job = &job;
+    args[0].tid = 0;
+    if (!job.failed) worker(&args[0]);
+    for (int t = 1; t <= started; t++) pthread_join(tids[t], NULL);
+    return job.failed;
+}
