@@ -2,9 +2,9 @@
 
    Built by ldm/backends/native.py (gcc -O2 -mavx512f -mfma), called through ctypes. Each work item is
    a block of QB queries of one (sample, head): their scores against every key are computed into a
-   buffer of the calling thread (QB x M floats: L2-sized at 4096 keys), each row's softmax is taken
-   there (max, then exp(s - max) in place and its sum), then the probabilities times the values are
-   summed into the output rows and scaled by 1 / sum. Exactly the reference's sum, in another order:
+   buffer of the calling thread (QB x M floats: L2-sized at 4096 keys) and each row's maximum kept;
+   then, a chunk of keys at a time, the chunk's exp(s - max) in place (and into the row's sum) and its
+   products with the values summed into the output rows, at the end scaled by 1 / sum. Exactly the reference's sum, in another order:
    no running rescale as in a streaming (flash) kernel, since the whole row of scores fits in cache.
 
    Layouts (elements; the last dimension of q, v and out is contiguous):
@@ -21,9 +21,13 @@
 #include <stdlib.h>
 
 #define R 8         /* query rows of one register tile */
-#define QB 32       /* query rows of one work item: its scores stay in L2 */
+#ifndef QB
+#define QB 64       /* query rows of one work item: each tile of keys serves 8 row tiles from L1 */
+#endif
 #define KT 32       /* keys of one packed tile */
+#ifndef VCHUNK
 #define VCHUNK 64   /* keys of the values kept in L1 while every row tile of a block takes them */
+#endif
 
 typedef struct {
     const float *q, *kp, *v;
@@ -62,8 +66,10 @@ static inline __m512 exp_ps(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* scores of R query rows (pointers rows[]) against one packed tile of KT keys: s[r * ld + j] */
-static inline void qk_tile(const float *const *rows, const float *kt, int64_t D, float scale, float *s, int64_t ld) {
+/* scores of R query rows (pointers rows[]) against one packed tile of KT keys: s[r * ld + j]; rmax[r], the
+   running maximum of row r's scores by lane, takes them in */
+static inline void qk_tile(const float *const *rows, const float *kt, int64_t D, float scale, float *s, int64_t ld,
+                           __m512 *rmax) {
     __m512 acc[R][2];
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int64_t c = 0; c < D; c++) {
@@ -76,8 +82,10 @@ static inline void qk_tile(const float *const *rows, const float *kt, int64_t D,
     }
     __m512 sc = _mm512_set1_ps(scale);
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
-        _mm512_storeu_ps(s + r * ld, _mm512_mul_ps(acc[r][0], sc));
-        _mm512_storeu_ps(s + r * ld + 16, _mm512_mul_ps(acc[r][1], sc));
+        __m512 s0 = _mm512_mul_ps(acc[r][0], sc), s1 = _mm512_mul_ps(acc[r][1], sc);
+        _mm512_storeu_ps(s + r * ld, s0);
+        _mm512_storeu_ps(s + r * ld + 16, s1);
+        rmax[r] = _mm512_max_ps(rmax[r], _mm512_max_ps(s0, s1));
     }
 }
 
@@ -132,25 +140,19 @@ static void block(const job_t *job, int64_t b, int64_t h, int64_t n0, float *s, 
         int64_t n = n0 + (r < rows ? r : rows - 1);
         qrows[r] = qbase + n * job->qs[2];
     }
-    /* scores: each tile of keys (in L1) against every row tile of the block */
+    /* scores: each tile of keys (in L1) against every row tile of the block, and each row's maximum */
+    __m512 rmax[QB];
+    for (int64_t r = 0; r < tiles * R; r++) rmax[r] = _mm512_set1_ps(-INFINITY);
     for (int64_t jt = 0; jt < M / KT; jt++)
         for (int64_t t = 0; t < tiles; t++)
-            qk_tile(qrows + t * R, kbase + jt * KT * D, D, job->scale, s + t * R * ld + jt * KT, ld);
-    /* softmax numerators in place, and 1 / their sum per row */
+            qk_tile(qrows + t * R, kbase + jt * KT * D, D, job->scale, s + t * R * ld + jt * KT, ld, rmax + t * R);
+    __m512 mx[QB], sum[QB];
     for (int64_t r = 0; r < tiles * R; r++) {
-        float *row = s + r * ld;
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (int64_t j = 0; j < M; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(row + j));
-        __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t j = 0; j < M; j += 16) {
-            __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + j), m));
-            _mm512_storeu_ps(row + j, e);
-            sum = _mm512_add_ps(sum, e);
-        }
-        inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+        mx[r] = _mm512_set1_ps(_mm512_reduce_max_ps(rmax[r]));
+        sum[r] = _mm512_setzero_ps();
     }
-    /* values: a chunk of keys (in L1) for every row tile, the sums kept in o between chunks */
+    /* a chunk of keys at a time (its values in L1) for every row tile: the chunk's softmax numerators
+       exp(s - max) in place and into the row sums, then their products with the values into o */
     const int nv = (int)((D + 15) / 16);
     __mmask16 mask[4];
     for (int t = 0; t < 4; t++) {
@@ -159,9 +161,19 @@ static void block(const job_t *job, int64_t b, int64_t h, int64_t n0, float *s, 
     }
     for (int64_t j0 = 0; j0 < M; j0 += VCHUNK) {
         int64_t j1 = j0 + VCHUNK < M ? j0 + VCHUNK : M;
-        for (int64_t t = 0; t < tiles; t++)
+        for (int64_t t = 0; t < tiles; t++) {
+            for (int64_t r = t * R; r < (t + 1) * R; r++) {
+                float *row = s + r * ld;
+                for (int64_t j = j0; j < j1; j += 16) {
+                    __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + j), mx[r]));
+                    _mm512_storeu_ps(row + j, e);
+                    sum[r] = _mm512_add_ps(sum[r], e);
+                }
+            }
             pv_rows(s + t * R * ld, ld, vbase, job->vs[2], j0, j1, o + t * R * 64, mask, j0 == 0, nv);
+        }
     }
+    for (int64_t r = 0; r < rows; r++) inv[r] = 1.0f / _mm512_reduce_add_ps(sum[r]);
     float *obase = job->out + b * job->os[0] + h * job->os[1];
     for (int64_t r = 0; r < rows; r++) {
         float *dst = obase + (n0 + r) * job->os[2];
