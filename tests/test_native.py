@@ -32,16 +32,21 @@ def _softmax_attention(q, k, v):
 @needs_kernel
 @pytest.mark.parametrize("shape", [(2, 8, 300, 512, 40),  # v1's heads; a last block of 12 queries, a row tile of 4
                                    (1, 3, 37, 64, 33),    # odd channels: a masked last vector
-                                   (2, 2, 50, 96, 48),    # three full vectors
+                                   (2, 2, 50, 96, 48),    # three full vectors (six in AVX2)
+                                   (1, 2, 20, 64, 60),    # AVX2: 8 vectors, a masked last one, one row a tile
                                    (1, 2, 9, 32, 64),     # SD 2.x / SDXL heads: the 4-vector tile, one key tile
-                                   (3, 1, 40, 128, 16),   # one vector
+                                   (3, 1, 40, 128, 16),   # one vector (two in AVX2)
+                                   (1, 2, 30, 32, 24),    # AVX2: three vectors
                                    (1, 1, 1, 32, 1)])     # one query, one channel
-def test_attention_equals_softmax_attention(shape):
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_attention_equals_softmax_attention(shape, isa):
+    if not native.supports(isa):
+        pytest.skip(f"this CPU lacks {isa}")
     q, k, v = _qkv(*shape)
-    out = native.attention(q, k, v)
+    out = native.attention(q, k, v, isa=isa)
     assert out.shape == q.shape and out.dtype == torch.float32
     assert rel_err(out, _softmax_attention(q, k, v)) < 2e-6
-    assert torch.equal(native.attention(q, k, v), out)  # the same bits every call (threads take items in any order)
+    assert torch.equal(native.attention(q, k, v, isa=isa), out)  # the same bits every call (threads take any items)
 
 
 @needs_kernel
@@ -56,17 +61,20 @@ def test_attention_writes_into_the_given_buffer_and_takes_any_strides():
 
 
 @needs_kernel
-def test_attention_keeps_extreme_scores_finite_and_propagates_nan():
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_attention_keeps_extreme_scores_finite_and_propagates_nan(isa):
     """Scores of +-1e4 (an exp overflowing without the max subtracted) give the reference's result; a NaN
     in a query gives NaN in that query's row only, as the reference does."""
+    if not native.supports(isa):
+        pytest.skip(f"this CPU lacks {isa}")
     q, k, v = _qkv(1, 2, 24, 64, 40, seed=3)
     q = q * 300.0
     want = _softmax_attention(q, k, v)
     assert torch.isfinite(want).all()
-    assert rel_err(native.attention(q, k, v), want) < 1e-5
+    assert rel_err(native.attention(q, k, v, isa=isa), want) < 1e-5
     q = q.clone()
     q[0, 1, 5, 7] = float("nan")
-    out = native.attention(q, k, v)
+    out = native.attention(q, k, v, isa=isa)
     assert torch.isnan(out[0, 1, 5]).all()
     finite = torch.ones(2, 24, dtype=torch.bool)
     finite[1, 5] = False
@@ -108,7 +116,7 @@ def test_build_compiles_once_into_the_cache_and_names_the_file_by_source(tmp_pat
 
 def test_library_is_none_with_a_reason_where_it_cannot_be_built(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(native, "_loaded", [])
-    monkeypatch.setattr(native, "cpu_has_avx512", lambda: True)
+    monkeypatch.setattr(native, "supports", lambda isa: True)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
     with caplog.at_level(logging.INFO, logger="ldm.backends.native"):
@@ -119,18 +127,20 @@ def test_library_is_none_with_a_reason_where_it_cannot_be_built(monkeypatch, tmp
     q, k, v = _qkv(1, 2, 16, 64, 40)
     assert native.attention(q, k, v) is None
     monkeypatch.setattr(native, "_loaded", [])
-    monkeypatch.setattr(native, "cpu_has_avx512", lambda: False)
+    monkeypatch.setattr(native, "supports", lambda isa: False)
     assert native.library() is None
 
 
 @needs_kernel
 @pytest.mark.parametrize("isa_avx512", [True, False])
-def test_backend_takes_the_kernel_beyond_1024_keys_with_avx512(monkeypatch, isa_avx512):
-    """kernels.attention: our kernel beyond FUSED_MAX_KEYS when the CPU kernels run AVX-512 (with the
-    cap at AVX2, SDPA, the faster there); never up to 1024 keys, where oneDNN's fused kernel is faster."""
+def test_backend_takes_the_kernel_beyond_1024_keys(monkeypatch, isa_avx512):
+    """kernels.attention: our kernel beyond FUSED_MAX_KEYS, for AVX-512 when the CPU kernels run it, else
+    for AVX2 (before SDPA, which it outruns there); never up to 1024 keys, where oneDNN's fused kernel is
+    the faster."""
     calls = []
     real = native.attention
-    monkeypatch.setattr(native, "attention", lambda *a, **kw: calls.append(a[1].shape[2]) or real(*a, **kw))
+    monkeypatch.setattr(native, "attention",
+                        lambda *a, **kw: calls.append((a[1].shape[2], kw["isa"])) or real(*a, **kw))
     monkeypatch.setattr(kernels, "avx512", lambda: isa_avx512)
     for keys in (1024, 1056):
         q, k, v = _qkv(2, 2, 40, keys, 40)
@@ -138,7 +148,7 @@ def test_backend_takes_the_kernel_beyond_1024_keys_with_avx512(monkeypatch, isa_
             out = kernels.attention(q, k, v, kernels.FusedAttention(), fused_blocks=True, native=True,
                                     sdpa_without_avx512=True)
         assert rel_err(out, _softmax_attention(q, k, v)) < 2e-6
-    assert calls == ([1056] if isa_avx512 else [])
+    assert calls == [(1056, "avx512" if isa_avx512 else "avx2")]
 
 
 @needs_kernel

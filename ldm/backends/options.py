@@ -30,10 +30,10 @@ class BackendOptions:
       softmax per head and block: the same speed on a quiet machine, about 2x faster beside other busy
       processes (one call for all heads: fewer waits at thread barriers).
     - `native_attention`: attention beyond 1024 keys (the 4096-token layers at 512x512), float32, heads of
-      up to 64 channels, where the kernels run AVX-512, by our own C kernel (`ldm.backends.native`,
-      compiled on first use; where it cannot be, the kernels below take its place): 1.3x faster than the
-      fused blocks on a guided layer of v1 at 512x512, 2.5x on the layer that runs once per latent
-      (bench/README.md, "Attention of our own").
+      up to 64 channels, by our own C kernel (`ldm.backends.native`, compiled on first use; where it cannot
+      be, the kernels below take its place), in AVX-512 where the kernels run it, else in AVX2: natively
+      1.7x faster than the fused blocks on a guided layer of v1 at 512x512, 3x on the layer that runs once
+      per latent; under AVX2 1.2x faster than SDPA's flash kernel (bench/README.md, "Attention of our own").
     - `sdpa_without_avx512`: where the CPU kernels lack AVX-512 (an AVX2 machine, or oneDNN capped with
       ONEDNN_MAX_CPU_ISA=AVX2: `kernels.avx512()`), attention that the fused kernel does not take (beyond
       1024 keys: the 4096-token layers at 512x512) runs SDPA's flash kernel instead of the blocked matmuls,

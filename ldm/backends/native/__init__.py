@@ -1,20 +1,22 @@
 """Kernels of our own, in C, for what neither oneDNN nor ATen computes near the CPU's speed.
 
-`attention(q, k, v)`: float32 attention over many keys with narrow heads (the v1 UNet's 4096-token
-layers at 512x512: 2 x 8 heads of 40 channels), AVX-512 (`attention.c` says how). oneDNN's fused
-kernel on blocks of queries ran those at about a third of the FMA peak here; this kernel at about
-half, 1.4x faster a layer (bench/README.md, "Attention of our own").
+`attention(q, k, v, isa=...)`: float32 attention over many keys with narrow heads (the v1 UNet's
+4096-token layers at 512x512: 2 x 8 heads of 40 channels), in AVX-512 or in AVX2 with FMA
+(`attention.c` says how). oneDNN's fused kernel on blocks of queries ran those at about a third of
+the FMA peak here, and PyTorch's flash kernel under AVX2 at less; this kernel at 60 % (bench/README.md,
+"Attention of our own").
 
 The C source ships with the package and is compiled on first use by the system's C compiler (`cc`,
 or $CC) into this user's cache (`ldm.paths.cache_dir()/native`, the file named by a hash of the
 source, the flags and the compiler's version: a changed source or compiler builds anew), then
 loaded with ctypes, once per process. Where that fails (no compiler, no writable cache, a CPU
-without AVX-512) `library()` is None, said once in the log, and callers keep their other kernels.
+without AVX2) `library()` is None, said once in the log, and callers keep their other kernels.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -32,7 +34,8 @@ from ...paths import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("attention.c")
-FLAGS = ("-O2", "-mavx512f", "-mfma", "-fPIC", "-shared", "-pthread")
+FLAGS = ("-O2", "-fPIC", "-shared", "-pthread")  # each function names its ISA itself (target attributes)
+ENTRIES = {"avx512": ("attention_f32", {"avx512f", "fma"}), "avx2": ("attention_f32_avx2", {"avx2", "fma"})}
 KEY_TILE = 32  # keys of one packed tile: the number of keys must be a multiple
 MAX_HEAD = 64  # channels of a head, at most
 MAX_THREADS = 256  # the kernel's own limit
@@ -86,36 +89,43 @@ def build(directory: Path, cmd: list[str], source: Path = SOURCE) -> Path:
 
 def _load(path: Path):
     lib = ctypes.CDLL(str(path))  # ctypes.CDLL lets go of the GIL during calls
-    fn = lib.attention_f32
     i64, ptr, strides = ctypes.c_int64, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
-    fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, strides, strides, strides, ctypes.c_float, ctypes.c_int]
-    fn.restype = ctypes.c_int
+    for name, _ in ENTRIES.values():
+        fn = getattr(lib, name)
+        fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, strides, strides, strides, ctypes.c_float,
+                       ctypes.c_int]
+        fn.restype = ctypes.c_int
     return lib
 
 
-def cpu_has_avx512() -> bool:
-    """True when the CPU runs AVX-512F with FMA (Linux's /proc/cpuinfo flags)."""
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags as Linux's /proc/cpuinfo lists them (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return {"avx512f", "fma"} <= flags
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def supports(isa: str) -> bool:
+    """True when this CPU runs the kernel for `isa` ("avx512": AVX-512F and FMA; "avx2": AVX2 and FMA)."""
+    return ENTRIES[isa][1] <= cpu_flags()
 
 
 def library():
-    """The loaded kernels, or None where they cannot be had here (the reason logged once)."""
+    """The loaded kernels (both ISAs' entries), or None where they cannot be had here (the reason logged once)."""
     if _loaded:
         return _loaded[0]
     with _lock:
         if not _loaded:
             lib, why = None, None
             cmd = compiler()
-            if not cpu_has_avx512():
-                why = "the CPU lacks AVX-512"
+            if not supports("avx2"):
+                why = "the CPU lacks AVX2 with FMA"
             elif cmd is None:
                 why = "no C compiler (cc, gcc, clang or $CC) on PATH"
             else:
@@ -140,12 +150,13 @@ def applies(q, k, v) -> bool:
             and q.stride(3) == 1 and v.stride(3) == 1)
 
 
-def attention(q, k, v, out=None):
-    """softmax(q k^T / sqrt(d)) v, [B, h, N, d], written into `out` when given (any strides with a
-    contiguous last dimension; the caller's heads-last buffer, say); None when the kernel is not to be
-    had or does not take these inputs (`applies`), or could not start its threads."""
+def attention(q, k, v, out=None, isa="avx512"):
+    """softmax(q k^T / sqrt(d)) v, [B, h, N, d], by the kernel for `isa` ("avx512" or "avx2"), written
+    into `out` when given (any strides with a contiguous last dimension; the caller's heads-last buffer,
+    say); None when the kernel is not to be had, this CPU lacks `isa` or the kernel does not take these
+    inputs (`applies`), or when it could not start its threads."""
     lib = library()
-    if lib is None or not applies(q, k, v):
+    if lib is None or not supports(isa) or not applies(q, k, v):
         return None
     B, H, N, D = q.shape
     M = k.shape[2]
@@ -155,8 +166,9 @@ def attention(q, k, v, out=None):
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(3) != 1:
         raise ValueError("attention: out must be a float32 [B, h, N, d] tensor with a contiguous last dimension")
     strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, v, out)]
-    failed = lib.attention_f32(q.data_ptr(), kp.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, N, M, D, *strides,
-                               D ** -0.5, max(1, min(MAX_THREADS, torch.get_num_threads())))
+    entry = getattr(lib, ENTRIES[isa][0])
+    failed = entry(q.data_ptr(), kp.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, N, M, D, *strides, D ** -0.5,
+                   max(1, min(MAX_THREADS, torch.get_num_threads())))
     if failed:  # a thread or a buffer could not be had: part of `out` is missing
         log.warning("our attention kernel could not start its threads or allocate its buffers; using oneDNN's")
         return None
