@@ -95,32 +95,47 @@ def fastest_peer(seconds):
     return tool, s
 
 
-def row_cells(seconds):
-    """A table row's cells after the tools' own: the fastest peer and ours / its time (under 1: ours is faster)."""
+def row_cells(seconds, ratio=None):
+    """A table row's cells after the tools' own: the fastest peer and ours / its time (under 1: ours is faster),
+    or `ratio` where given (one interleaved run's, `same_run_ratio`)."""
     best = fastest_peer(seconds)
     if best is None:
         return ["", ""]
     ours = seconds.get("ours")
-    return [NAMES[best[0]], "" if ours is None else f"{ours / best[1]:.2f}"]
+    if ratio is None and ours is not None:
+        ratio = ours / best[1]
+    return [NAMES[best[0]], "" if ratio is None else f"{ratio:.2f}"]
+
+
+def same_run_ratio(runs, seconds):
+    """ours / the fastest peer (by `seconds`, the row's cells) within the latest run that timed both, each its
+    minimum over that run's interleaved rounds; None when no run timed both."""
+    best = fastest_peer(seconds)
+    both = [r for r in runs if best and r["tools"].get("ours") and r["tools"].get(best[0])]
+    if not both:
+        return None
+    run = max(both, key=lambda r: r["date"])
+    return min(run["tools"]["ours"]) / min(run["tools"][best[0]])
 
 
 def table(res):
     """Markdown from the peers results: per-step and whole-image rows, natively and under the AVX2 cap."""
-    lines = ["| figure | ISA | " + " | ".join(NAMES[t] for t in TOOLS) + " | fastest peer | ours / fastest |",
+    lines = ["| figure | ISA | " + " | ".join(NAMES[t] for t in TOOLS) + " | fastest peer | ours / fastest (one run) |",
              "|" + "---|" * (len(TOOLS) + 4)]
     cmds = []
     for cap in ("native", "avx2"):
         m = res.get("machine", {}).get(cap, {})
         for size, runs in sorted(res.get("step", {}).get(cap, {}).items(), key=lambda kv: int(kv[0])):
-            # runs with different sets of tools (keyed by the set): each tool's best over all of them
+            # runs with different sets of tools (keyed by the set): each tool's minimum over the rounds of the
+            # latest run that timed it (the code as it is now), and ours / fastest peer within one interleaved run
             secs = {}
-            for run in runs.values():
-                for t, v in run["tools"].items():
-                    if v:
-                        secs[t] = min(v + ([secs[t]] if t in secs else []))
+            for run in sorted(runs.values(), key=lambda r: r["date"]):
+                secs.update({t: min(v) for t, v in run["tools"].items() if v})
+            ratio = same_run_ratio(runs.values(), secs)
             cells = [f"{secs[t]:.2f}" if secs.get(t) is not None else "" for t in TOOLS]
+            run = max(runs.values(), key=lambda r: r["date"])
             lines.append(f"| guided step (batch 2), {size}x{size}, s | {run['isa']} | " + " | ".join(cells) + " | "
-                         + " | ".join(row_cells(secs)) + " |")
+                         + " | ".join(row_cells(secs, ratio)) + " |")
             bound = m.get("fma_gflops", {}).get(str(run.get("threads")))
             if bound and run.get("flops") and secs.get("ours"):
                 fr = {t: run["flops"] / s / (bound * 1e9) for t, s in secs.items() if s}

@@ -3,9 +3,12 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.peers import cpu_flags, fastest_peer, fp32_isa, isa_classes, isa_label, row_cells, table  # noqa: E402
+from bench.peers import (cpu_flags, fastest_peer, fp32_isa, isa_classes, isa_label, row_cells,  # noqa: E402
+                         same_run_ratio, table)
 
 ZEN4 = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -57,15 +60,20 @@ def test_fastest_peer_leaves_ours_out_and_skips_missing():
 def test_table_rows():
     run = {"tools": {"ours": [4.4, 4.2], "diffusers": [6.7], "openvino": [5.0, 5.6]}, "isa": "AVX-512", "threads": 2,
            "flops": 1.6e12, "command": "python bench/peers.py step --size 512", "date": "d", "load_avg": [1.0, 2.0]}
+    assert same_run_ratio([run], {"ours": 4.2, "openvino": 5.0}) == pytest.approx(0.84)
+    assert same_run_ratio([run], {"ours": 4.2, "sdcpp-f16": 1.0}) is None  # no run timed both
     machine = {"isa": "AVX-512", "cpu": "AMD EPYC", "cores": 2, "classes": ["AVX2", "AVX-512"], "fp32_isa": "avx512",
                "fma_gflops": {"1": 250.0, "2": 500.0}, "sgemm_tflops": {"oneDNN matmul": 0.49}, "onednn_isa": "x",
                "command": "python bench/peers.py machine", "date": "d"}
-    sdcpp = {**run, "tools": {"ours": [4.3], "sdcpp-f16": [30.0]}}
-    text = table({"machine": {"native": machine}, "step": {"native": {"512": {"a": run, "b": sdcpp}}}})
+    old = {**run, "tools": {"ours": [3.9], "openvino": [3.8]}, "date": "c"}  # an earlier run: replaced by "d"'s
+    sdcpp = {**run, "tools": {"ours": [4.3], "sdcpp-f16": [30.0]}, "date": "e"}
+    text = table({"machine": {"native": machine}, "step": {"native": {"512": {"x": old, "a": run, "b": sdcpp}}}})
     row = next(line for line in text.splitlines() if line.startswith("| guided step"))
-    assert row == "| guided step (batch 2), 512x512, s | AVX-512 | 4.20 | 6.70 | 5.00 |  | 30.00 | OpenVINO | 0.84 |"
+    # each tool from the latest run that timed it (ours: "e"), the ratio within the latest run of ours beside
+    # the fastest peer ("d": 4.2 / 5.0)
+    assert row == "| guided step (batch 2), 512x512, s | AVX-512 | 4.30 | 6.70 | 5.00 |  | 30.00 | OpenVINO | 0.84 |"
     frac = next(line for line in text.splitlines() if "FMA bound" in line and line.startswith("|"))
     assert "(500 GFLOPS, 1.600 TFLOP a step as the original counts it)" in frac
-    assert "| 76% | 48% | 64% |" in frac  # 1.6 TFLOP / 4.2 s / 500 GFLOPS, / 6.7 s, / 5.0 s
+    assert "| 74% | 48% | 64% |" in frac  # 1.6 TFLOP / 4.3 s / 500 GFLOPS, / 6.7 s, / 5.0 s
     note = next(line for line in text.splitlines() if line.startswith("- AVX-512:"))
     assert "1 thread 250, 2 threads 500 GFLOPS" in note and "oneDNN matmul 490 GFLOPS" in note

@@ -291,6 +291,26 @@ def test_linear_and_conv_add_the_residual_in_their_epilogue():
         assert rel_err(geglu(x), a * F.gelu(gate)) < 5e-6  # GELU and product in the matmuls' epilogues
 
 
+@pytest.mark.parametrize("isa_avx512", [True, False])
+def test_geglu_in_epilogues_or_in_place_passes_by_isa(monkeypatch, isa_avx512):
+    """GEGLU: GELU and product in the matmuls' epilogues where the kernels run AVX-512, else as passes in
+    place after plain matmuls; both a * GELU(g) to float rounding."""
+    monkeypatch.setattr(kernels, "avx512", lambda: isa_avx512)
+    calls = []
+    g = torch.Generator().manual_seed(11)
+    x, w = torch.randn(300, 64, generator=g), torch.randn(2 * 96, 64, generator=g) * 0.1
+    b = torch.randn(192, generator=g)
+    with torch.no_grad():
+        monkeypatch.setattr(torch._C._nn, "gelu_", lambda t: calls.append(t.shape) or real_gelu_(t))
+        out = kernels.geglu(x, w, b)
+    a, gate = F.linear(x.double(), w.double(), b.double()).chunk(2, -1)
+    assert rel_err(out, a * F.gelu(gate)) < 5e-6
+    assert calls == ([] if isa_avx512 else [(300, 96)])  # the gate's GELU as a pass of its own
+
+
+real_gelu_ = torch._C._nn.gelu_
+
+
 def test_channels_last_residual_is_summed_in_the_epilogue(monkeypatch):
     """Maps between the decoder's convolutions are channels-last: such a residual goes to oneDNN's sum
     epilogue (not a separate add) beside a channels-last input, and the sum is exact; a row-major input
