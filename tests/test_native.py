@@ -131,6 +131,26 @@ def test_library_is_none_with_a_reason_where_it_cannot_be_built(monkeypatch, tmp
     assert native.library() is None
 
 
+def test_library_builds_in_a_temporary_folder_when_the_cache_is_unusable(monkeypatch, tmp_path):
+    """A cache folder that cannot be made (a file in its place), then a damaged library file in the cache
+    (removed): both times the kernels are built afresh in a temporary folder, and they work."""
+    if native.compiler() is None or not native.supports("avx2"):
+        pytest.skip("no C compiler or no AVX2")
+    (tmp_path / "txt2img").write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "_loaded", [])
+    assert native.library() is not None
+    q, k, v = _qkv(1, 2, 16, 64, 40)
+    assert rel_err(native.attention(q, k, v, isa="avx2"), _softmax_attention(q, k, v)) < 2e-6
+    cache = tmp_path / "other"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.setattr(native, "_loaded", [])
+    built = native.build(cache / "txt2img" / "native", native.compiler())
+    built.write_bytes(b"not a shared library")
+    assert native.library() is not None
+    assert not built.exists()  # the damaged file removed: the next process builds it again in the cache
+
+
 @needs_kernel
 @pytest.mark.parametrize("isa_avx512", [True, False])
 def test_backend_takes_the_kernel_beyond_1024_keys(monkeypatch, isa_avx512):

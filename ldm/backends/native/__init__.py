@@ -9,12 +9,14 @@ the FMA peak here, and PyTorch's flash kernel under AVX2 at less; this kernel at
 The C source ships with the package and is compiled on first use by the system's C compiler (`cc`,
 or $CC) into this user's cache (`ldm.paths.cache_dir()/native`, the file named by a hash of the
 source, the flags and the compiler's version: a changed source or compiler builds anew), then
-loaded with ctypes, once per process. Where that fails (no compiler, no writable cache, a CPU
-without AVX2) `library()` is None, said once in the log, and callers keep their other kernels.
+loaded with ctypes, once per process; where the cache cannot be written or its file cannot be loaded, it
+is built in a temporary folder instead. Where that fails too (no compiler, a CPU without AVX2)
+`library()` is None, said once in the log, and callers keep their other kernels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -116,6 +118,10 @@ def supports(isa: str) -> bool:
     return ENTRIES[isa][1] <= cpu_flags()
 
 
+def _first_line(e) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def library():
     """The loaded kernels (both ISAs' entries), or None where they cannot be had here (the reason logged once)."""
     if _loaded:
@@ -129,10 +135,20 @@ def library():
             elif cmd is None:
                 why = "no C compiler (cc, gcc, clang or $CC) on PATH"
             else:
+                path = None
                 try:
-                    lib = _load(build(cache_dir() / "native", cmd))
-                except (OSError, subprocess.SubprocessError, AttributeError) as e:
-                    why = f"building {SOURCE.name} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                    path = build(cache_dir() / "native", cmd)
+                    lib = _load(path)
+                except (OSError, subprocess.SubprocessError, AttributeError):
+                    if path is not None:  # a damaged file in the cache: gone, for the next process to build again
+                        with contextlib.suppress(OSError):
+                            path.unlink()
+                    # an unwritable cache, or a damaged file in it: build afresh in a folder of this process's own
+                    with tempfile.TemporaryDirectory(prefix="txt2img-native-") as tmp:
+                        try:
+                            lib = _load(build(Path(tmp), cmd))  # loaded stays loaded once the file is gone
+                        except (OSError, subprocess.SubprocessError, AttributeError) as e:
+                            why = f"building {SOURCE.name} failed: {_first_line(e)}"
             if why:
                 log.info("our attention kernel is unavailable (%s); oneDNN's takes its place", why)
             _loaded.append(lib)
