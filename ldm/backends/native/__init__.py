@@ -139,7 +139,9 @@ def library():
                 try:
                     path = build(cache_dir() / "native", cmd)
                     lib = _load(path)
-                except (OSError, subprocess.SubprocessError, AttributeError):
+                except subprocess.SubprocessError as e:  # the compiler failed: it would fail again
+                    why = f"building {SOURCE.name} failed: {_first_line(e)}"
+                except (OSError, AttributeError):
                     if path is not None:  # a damaged file in the cache: gone, for the next process to build again
                         with contextlib.suppress(OSError):
                             path.unlink()
