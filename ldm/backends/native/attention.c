@@ -56,6 +56,25 @@ typedef struct {
     int tid;
 } arg_t;
 
+/* what both ISAs' blocks start from: the (sample, head)'s keys and values, the block's query rows (padded to
+   whole register tiles of `tile` rows: rows past the end repeat the last one, computed but not written) */
+typedef struct {
+    const float *k, *v, *qrows[QB];
+    float *out;
+    int64_t rows, tiles;
+} block_t;
+
+static void block_setup(const job_t *job, int64_t b, int64_t h, int64_t n0, int tile, block_t *blk) {
+    const float *qbase = job->q + b * job->qs[0] + h * job->qs[1];
+    blk->k = job->kp + (b * job->H + h) * job->M * job->D;
+    blk->v = job->v + b * job->vs[0] + h * job->vs[1];
+    blk->out = job->out + b * job->os[0] + h * job->os[1] + n0 * job->os[2];
+    blk->rows = job->N - n0 < QB ? job->N - n0 : QB;
+    blk->tiles = (blk->rows + tile - 1) / tile;
+    for (int64_t r = 0; r < blk->tiles * tile; r++)
+        blk->qrows[r] = qbase + (n0 + (r < blk->rows ? r : blk->rows - 1)) * job->qs[2];
+}
+
 /* -------------------------------------------------------------------------------------- AVX-512 */
 
 /* e^x for x <= 0 (and any x: above 88 it saturates at FLT_MAX-ish, below -87 it flushes to ~0):
@@ -145,17 +164,11 @@ static AVX512 void pv_rows(const float *p, int64_t ld, const float *v, int64_t v
 }
 
 static AVX512 void block512(const job_t *job, int64_t b, int64_t h, int64_t n0, float *s, int64_t ld, float *o) {
-    const int64_t N = job->N, M = job->M, D = job->D;
-    const float *qbase = job->q + b * job->qs[0] + h * job->qs[1];
-    const float *kbase = job->kp + (b * job->H + h) * M * D;
-    const float *vbase = job->v + b * job->vs[0] + h * job->vs[1];
-    const int64_t rows = N - n0 < QB ? N - n0 : QB;
-    const int64_t tiles = (rows + R - 1) / R;
-    const float *qrows[QB];
-    for (int64_t r = 0; r < tiles * R; r++) {   /* rows past the end repeat the last one (computed, not written) */
-        int64_t n = n0 + (r < rows ? r : rows - 1);
-        qrows[r] = qbase + n * job->qs[2];
-    }
+    const int64_t M = job->M, D = job->D;
+    block_t blk;
+    block_setup(job, b, h, n0, R, &blk);
+    const float *kbase = blk.k, *vbase = blk.v, *const *qrows = blk.qrows;
+    const int64_t rows = blk.rows, tiles = blk.tiles;
     /* scores: each tile of keys (in L1) against every row tile of the block, and each row's maximum */
     __m512 rmax[QB];
     for (int64_t r = 0; r < tiles * R; r++) rmax[r] = _mm512_set1_ps(-INFINITY);
@@ -189,9 +202,8 @@ static AVX512 void block512(const job_t *job, int64_t b, int64_t h, int64_t n0, 
             pv_rows(s + t * R * ld, ld, vbase, job->vs[2], j0, j1, o + t * R * 64, mask, j0 == 0, nv);
         }
     }
-    float *obase = job->out + b * job->os[0] + h * job->os[1];
     for (int64_t r = 0; r < rows; r++) {
-        float *dst = obase + (n0 + r) * job->os[2];
+        float *dst = blk.out + r * job->os[2];
         __m512 sc = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum[r]));
         for (int t = 0; t < nv; t++)
             _mm512_mask_storeu_ps(dst + 16 * t, mask[t], _mm512_mul_ps(_mm512_loadu_ps(o + r * 64 + 16 * t), sc));
@@ -311,17 +323,11 @@ static AVX2 void pv_rows256(const float *p, int64_t ld, const float *v, int64_t 
 }
 
 static AVX2 void block256(const job_t *job, int64_t b, int64_t h, int64_t n0, float *s, int64_t ld, float *o) {
-    const int64_t N = job->N, M = job->M, D = job->D;
-    const float *qbase = job->q + b * job->qs[0] + h * job->qs[1];
-    const float *kbase = job->kp + (b * job->H + h) * M * D;
-    const float *vbase = job->v + b * job->vs[0] + h * job->vs[1];
-    const int64_t rows = N - n0 < QB ? N - n0 : QB;
-    const int64_t tiles = (rows + R2 - 1) / R2;
-    const float *qrows[QB];
-    for (int64_t r = 0; r < tiles * R2; r++) {
-        int64_t n = n0 + (r < rows ? r : rows - 1);
-        qrows[r] = qbase + n * job->qs[2];
-    }
+    const int64_t M = job->M, D = job->D;
+    block_t blk;
+    block_setup(job, b, h, n0, R2, &blk);
+    const float *kbase = blk.k, *vbase = blk.v, *const *qrows = blk.qrows;
+    const int64_t rows = blk.rows, tiles = blk.tiles;
     __m256 rmax[QB];
     for (int64_t r = 0; r < tiles * R2; r++) rmax[r] = _mm256_set1_ps(-INFINITY);
     for (int64_t jt = 0; jt < M / KT; jt++)
@@ -351,9 +357,8 @@ static AVX2 void block256(const job_t *job, int64_t b, int64_t h, int64_t n0, fl
             pv_rows256(s + t * R2 * ld, ld, vbase, job->vs[2], j0, j1, o + t * R2 * 64, tail, j0 == 0, nv);
         }
     }
-    float *obase = job->out + b * job->os[0] + h * job->os[1];
     for (int64_t r = 0; r < rows; r++) {
-        float *dst = obase + (n0 + r) * job->os[2];
+        float *dst = blk.out + r * job->os[2];
         __m256 sc = _mm256_set1_ps(1.0f / hsum256(sum[r]));
         for (int t = 0; t < nv - 1; t++)
             _mm256_storeu_ps(dst + 8 * t, _mm256_mul_ps(_mm256_loadu_ps(o + r * 64 + 8 * t), sc));
