@@ -369,8 +369,8 @@ def attention(q, k, v, fused=None, blocked=True, block_bytes=ATTN_BLOCK_BYTES, s
     results are laid out as [B, N, h, d], so `.transpose(1, 2).reshape(B, N, h * d)` is free. Elsewhere
     SDPA. With `native`, beyond `FUSED_MAX_KEYS` keys, our own kernel before any of these
     (`ldm.backends.native.attention`: float32, heads of up to 64 channels), in AVX-512 where the kernels run
-    it (`avx512`), else in AVX2: on the 4096-token layers at 512x512 1.5 to 3x faster than the fused
-    blocks, and 1.2x faster than SDPA under AVX2. Also SDPA instead of the blocks with
+    it (`avx512`), else in AVX2: on the 4096-token layers at 512x512 1.45 to 3.3x faster than the fused
+    blocks, and 1.14 to 1.18x faster than SDPA under AVX2. Also SDPA instead of the blocks with
     `sdpa_without_avx512` when the kernels lack AVX-512
     (`avx512()`): under AVX2 the flash kernel is the faster (4096 keys: 0.34 against 0.47 s a UNet
     layer), natively the slower. The fused blocks and the matmul blocks took the same time on a quiet

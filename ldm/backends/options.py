@@ -32,8 +32,9 @@ class BackendOptions:
     - `native_attention`: attention beyond 1024 keys (the 4096-token layers at 512x512), float32, heads of
       up to 64 channels, by our own C kernel (`ldm.backends.native`, compiled on first use; where it cannot
       be, the kernels below take its place), in AVX-512 where the kernels run it, else in AVX2: natively
-      1.7x faster than the fused blocks on a guided layer of v1 at 512x512, 3x on the layer that runs once
-      per latent; under AVX2 1.2x faster than SDPA's flash kernel (bench/README.md, "Attention of our own").
+      1.45 to 1.8x faster than the fused blocks on a guided layer of v1 at 512x512, 2.3 to 3.3x on the layer
+      that runs once per latent; under AVX2 1.14 to 1.18x faster than SDPA's flash kernel (bench/README.md,
+      "Attention of our own").
     - `sdpa_without_avx512`: where the CPU kernels lack AVX-512 (an AVX2 machine, or oneDNN capped with
       ONEDNN_MAX_CPU_ISA=AVX2: `kernels.avx512()`), attention that the fused kernel does not take (beyond
       1024 keys: the 4096-token layers at 512x512) runs SDPA's flash kernel instead of the blocked matmuls,

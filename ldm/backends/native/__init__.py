@@ -3,8 +3,8 @@
 `attention(q, k, v, isa=...)`: float32 attention over many keys with narrow heads (the v1 UNet's
 4096-token layers at 512x512: 2 x 8 heads of 40 channels), in AVX-512 or in AVX2 with FMA
 (`attention.c` says how). oneDNN's fused kernel on blocks of queries ran those at about a third of
-the FMA peak here, and PyTorch's flash kernel under AVX2 at less; this kernel at 60 % (bench/README.md,
-"Attention of our own").
+the FMA peak here, PyTorch's flash kernel under AVX2 at about half; this kernel at 53 to 59 % natively
+and 60 % under AVX2 (bench/README.md, "Attention of our own").
 
 The C source ships with the package and is compiled on first use by the system's C compiler (`cc`,
 or $CC) into this user's cache (`ldm.paths.cache_dir()/native`, the file named by a hash of the
