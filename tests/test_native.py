@@ -131,6 +131,12 @@ def test_library_is_none_with_a_reason_where_it_cannot_be_built(monkeypatch, tmp
     assert native.library() is None
 
 
+@pytest.mark.parametrize("cc, want", [("gcc -O0", ["gcc", "-O0"]), ("'unbalanced", None), ("  ", None)])
+def test_compiler_from_cc(monkeypatch, cc, want):
+    monkeypatch.setenv("CC", cc)
+    assert native.compiler() == want
+
+
 def test_library_builds_in_a_temporary_folder_when_the_cache_is_unusable(monkeypatch, tmp_path):
     """A cache folder that cannot be made (a file in its place), then a damaged library file in the cache
     (removed): both times the kernels are built afresh in a temporary folder, and they work."""

@@ -48,10 +48,14 @@ _loaded = []  # [the library, or None when it cannot be had]: built and loaded o
 
 
 def compiler() -> list[str] | None:
-    """The C compiler's command: $CC (split like a shell would) or the first of cc, gcc, clang on PATH."""
+    """The C compiler's command: $CC (split like a shell would; None when it cannot be) or the first of cc,
+    gcc, clang on PATH."""
     cc = os.environ.get("CC")
     if cc:
-        return shlex.split(cc)
+        try:
+            return shlex.split(cc) or None
+        except ValueError:  # unbalanced quotes
+            return None
     for name in ("cc", "gcc", "clang"):
         found = shutil.which(name)
         if found:
